@@ -1,0 +1,283 @@
+"""Marking prompt parameters on any ``nn.Module`` and the ``PromptInit`` artefact.
+
+A prompt parameter is marked by an attribute on the ``nn.Parameter`` itself, so the mark survives
+wrapping (DataParallel, a trainer holding the module under another name). Names are always reported
+without DataParallel's ``module.`` prefixes, so an artefact saved from a wrapped model loads into an
+unwrapped one and back.
+
+``PromptInit`` is one ``.safetensors`` file: the prompt tensors under their names, the regulator's
+tensors under ``regulator.<key>``, and a JSON document in the safetensors header metadata (method,
+names, shapes, dtypes, backbone, n_ctx, source tasks, regulator config, ...). Loading it never
+executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+_MARK = "_gram_prompt"
+FORMAT_VERSION = 1
+_REGULATOR_PREFIX = "regulator."
+_META_KEY = "gram_plugin"
+
+
+class PromptInitError(ValueError):
+    """An init artefact does not fit: unreadable file, or names / shapes / dtypes / backbone differ."""
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """``module.prompt_learner.ctx`` -> ``prompt_learner.ctx`` (DataParallel / DDP wrapping)."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def mark_prompts(
+    module: nn.Module,
+    names: Iterable[str] | None = None,
+    pattern: str | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    require_grad: bool = True,
+) -> list[str]:
+    """Mark prompt parameters of ``module`` and return the (prefix-free) names now marked.
+
+    Select by exact ``names``, by a regular expression ``pattern`` (``re.search`` on the name), or
+    by passing the ``params`` themselves. With ``require_grad`` only parameters that require
+    gradients are taken by a pattern (a frozen copy of a prompt, e.g. PromptSRC's zero-shot
+    encoder, is never picked up by accident). Asking for a name that does not exist is an error.
+    """
+    if names is None and pattern is None and params is None:
+        raise ValueError("mark_prompts needs names=, pattern= or params=")
+    named = OrderedDict((strip_wrapper_prefix(n), p) for n, p in module.named_parameters())
+    chosen: list[nn.Parameter] = []
+    if names is not None:
+        names = list(names)
+        missing = [n for n in names if strip_wrapper_prefix(n) not in named]
+        if missing:
+            raise KeyError(
+                f"mark_prompts: no parameter named {missing} in {type(module).__name__}; "
+                f"available: {list(named)[:20]}{' ...' if len(named) > 20 else ''}"
+            )
+        chosen += [named[strip_wrapper_prefix(n)] for n in names]
+    if pattern is not None:
+        rx = re.compile(pattern)
+        hits = [p for n, p in named.items() if rx.search(n) and (p.requires_grad or not require_grad)]
+        if not hits:
+            raise KeyError(f"mark_prompts: pattern {pattern!r} matches no trainable parameter")
+        chosen += hits
+    if params is not None:
+        ids = {id(p) for p in named.values()}
+        for p in params:
+            if id(p) not in ids:
+                raise KeyError("mark_prompts: a parameter passed in params= is not owned by the module")
+            chosen.append(p)
+    for p in chosen:
+        setattr(p, _MARK, True)
+    return [n for n, p in named.items() if getattr(p, _MARK, False)]
+
+
+def unmark_prompts(module: nn.Module) -> None:
+    for p in module.parameters():
+        if hasattr(p, _MARK):
+            delattr(p, _MARK)
+
+
+def is_prompt(param: torch.Tensor) -> bool:
+    return bool(getattr(param, _MARK, False))
+
+
+def prompt_parameters(module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
+    """The marked prompt parameters in registration order, names without ``module.`` prefixes."""
+    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
+    seen: set[int] = set()
+    for n, p in module.named_parameters():
+        if is_prompt(p) and id(p) not in seen:
+            seen.add(id(p))
+            out[strip_wrapper_prefix(n)] = p
+    if not out:
+        raise ValueError(
+            f"{type(module).__name__} has no marked prompt parameters: call "
+            "gram_plugin.mark_prompts(module, names=[...] or pattern=...) first"
+        )
+    return out
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    """Write tensors + a JSON metadata document as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write_bytes(Path(path), save(flat, metadata={_META_KEY: json.dumps(metadata)}))
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_tensors`; any damage is one clear ``PromptInitError``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptInitError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+        raise PromptInitError(
+            f"{what} {path} is not a readable safetensors file (truncated or another format?): {e}"
+        ) from None
+    if raw is None:
+        raise PromptInitError(f"{what} {path} is a safetensors file but was not written by gram-plugin")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise PromptInitError(f"{what} {path} has corrupt gram-plugin metadata: {e}") from None
+    return tensors, meta
+
+
+@dataclass
+class PromptInit:
+    """A meta-learned prompt initialisation (and, optionally, the regulator learned with it).
+
+    ``tensors``: prompt tensors by (prefix-free) parameter name. ``regulator_state``: the
+    ``GradientRegulator`` state dict; ``metadata`` holds everything else, JSON-serialisable
+    (``method``, ``backbone``, ``n_ctx``, ``source_tasks``, ``regulator_config``, ...).
+    """
+
+    tensors: "OrderedDict[str, torch.Tensor]"
+    metadata: dict = field(default_factory=dict)
+    regulator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **metadata: Any) -> "PromptInit":
+        tensors = OrderedDict((n, p.detach().clone()) for n, p in prompt_parameters(module).items())
+        return cls(tensors, dict(metadata))
+
+    @property
+    def regulator_config(self) -> dict | None:
+        return self.metadata.get("regulator_config")
+
+    def build_regulator(self):
+        """The ``GradientRegulator`` saved with this init, or ``None`` if there is none."""
+        if not self.regulator_state:
+            return None
+        from .regulator import GradientRegulator
+
+        reg = GradientRegulator.from_config(self.regulator_config)
+        reg.load_state_dict(self.regulator_state)
+        return reg
+
+    def describe(self) -> dict:
+        return {
+            **self.metadata,
+            "names": list(self.tensors),
+            "shapes": {n: list(t.shape) for n, t in self.tensors.items()},
+            "dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in self.tensors.items()},
+            "has_regulator": bool(self.regulator_state),
+        }
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        names = list(self.tensors)
+        bad = [n for n in names if n.startswith(_REGULATOR_PREFIX)]
+        if bad:
+            raise PromptInitError(f"prompt names may not start with {_REGULATOR_PREFIX!r}: {bad}")
+        meta = {**self.describe(), "format_version": FORMAT_VERSION}
+        tensors = dict(self.tensors)
+        tensors.update({_REGULATOR_PREFIX + k: v for k, v in self.regulator_state.items()})
+        save_tensors(path, tensors, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PromptInit":
+        tensors, meta = load_tensors(path, what="init file")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise PromptInitError(
+                f"init file {path} has format version {meta['format_version']}; this gram-plugin "
+                f"reads up to {FORMAT_VERSION}: upgrade gram-plugin"
+            )
+        names = meta.get("names", [])
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise PromptInitError(f"init file {path} lists tensors it does not contain: {missing}")
+        prompts = OrderedDict((n, tensors[n]) for n in names)
+        reg = {k[len(_REGULATOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_REGULATOR_PREFIX)}
+        metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version")}
+        return cls(prompts, metadata, reg)
+
+    # -- applying ------------------------------------------------------------------------------
+    def check_against(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        backbone: str | None = None,
+        strict: bool = True,
+    ) -> list[str]:
+        """Every reason this init does not fit ``targets`` ({name: tensor}); empty when it fits."""
+        problems = []
+        targets = {strip_wrapper_prefix(k): v for k, v in targets.items()}
+        mine = self.metadata.get("backbone")
+        if backbone is not None and mine is not None and mine != backbone:
+            problems.append(f"backbone: init was learned on {mine!r}, model is {backbone!r}")
+        if strict:
+            for n in targets:
+                if n not in self.tensors:
+                    problems.append(f"missing in init: {n} {tuple(targets[n].shape)}")
+        for n, t in self.tensors.items():
+            if n not in targets:
+                problems.append(f"not a prompt parameter of the model: {n} {tuple(t.shape)}")
+                continue
+            dst = targets[n]
+            if tuple(dst.shape) != tuple(t.shape):
+                problems.append(f"shape of {n}: init {tuple(t.shape)} vs model {tuple(dst.shape)}")
+            if not (t.is_floating_point() and dst.is_floating_point()):
+                problems.append(f"dtype of {n}: init {t.dtype} vs model {dst.dtype} (both must be floating point)")
+        return problems
+
+    @torch.no_grad()
+    def apply_to(
+        self,
+        target: nn.Module | Mapping[str, torch.Tensor],
+        backbone: str | None = None,
+        strict: bool = True,
+    ) -> list[str]:
+        """Copy the init into the module's marked prompts (or a {name: tensor} map) in place.
+
+        In place (``param.data.copy_``) so optimisers holding the parameters stay valid. Checks
+        names, shapes, dtypes and backbone first and raises one ``PromptInitError`` listing every
+        mismatch; nothing is copied unless everything fits. Returns the names written.
+        """
+        targets = prompt_parameters(target) if isinstance(target, nn.Module) else dict(target)
+        targets = {strip_wrapper_prefix(k): v for k, v in targets.items()}
+        problems = self.check_against(targets, backbone=backbone, strict=strict)
+        if problems:
+            raise PromptInitError("init does not fit the model:\n  - " + "\n  - ".join(problems))
+        for n, t in self.tensors.items():
+            targets[n].data.copy_(t.to(device=targets[n].device, dtype=targets[n].dtype))
+        return list(self.tensors)

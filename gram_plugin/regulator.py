@@ -1,0 +1,151 @@
+"""GRAM's gradient-regulating function (Li et al., ICCV 2023, eq. 5-6).
+
+For a gradient g of a prompt tensor::
+
+    gamma = tanh(W_g g + b_g),  beta = tanh(W_b g + b_b),  R(g) = gamma * g + beta   (elementwise)
+
+Axis choice: the linear maps act on the LAST dimension of the gradient (the embedding width D for
+context vectors and visual prompt tokens) and are shared across the other dimensions (tokens,
+classes, layers). That keeps a head at 2 * (D*D + D) parameters (D=512: 0.5M) however many tokens
+there are, and it lets one head serve prompts of any length. ``rank=r`` replaces each D x D map by
+U V with U: D x r, V: r x D (2 * 2 * D * r parameters). ``share_by_width=True`` uses one head for
+all prompt tensors of the same width (e.g. every VPT layer).
+
+Initialisation: W = 0 (full rank) or V = 0 (low rank), b_b = 0 and b_g = atanh(init_gain), so at
+the start R(g) = init_gain * g -- plain gradient descent with a slightly smaller step -- and
+meta-training moves away from it only as far as the query loss asks.
+
+The regulator computes in float32 whatever the dtype of the gradient and returns that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+def _head_key(name: str) -> str:
+    # ModuleDict keys may not contain "."
+    return name.replace(".", "__")
+
+
+class _LinearMap(nn.Module):
+    def __init__(self, width: int, rank: int | None):
+        super().__init__()
+        if rank is None:
+            self.weight = nn.Parameter(torch.zeros(width, width))
+            self.u = self.v = None
+        else:
+            self.weight = None
+            # u random, v zero: the product starts at zero but both factors receive gradients
+            self.u = nn.Parameter(torch.randn(width, rank) / math.sqrt(width))
+            self.v = nn.Parameter(torch.zeros(rank, width))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return x @ self.weight.t() + self.bias
+        return (x @ self.v.t()) @ self.u.t() + self.bias
+
+
+class _Head(nn.Module):
+    def __init__(self, width: int, rank: int | None, init_gain: float):
+        super().__init__()
+        self.width = width
+        self.gamma = _LinearMap(width, rank)
+        self.beta = _LinearMap(width, rank)
+        with torch.no_grad():
+            self.gamma.bias.fill_(math.atanh(init_gain))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        x = g.reshape(-1, self.width)
+        gamma = torch.tanh(self.gamma(x))
+        beta = torch.tanh(self.beta(x))
+        return (gamma * x + beta).reshape(g.shape)
+
+
+class GradientRegulator(nn.Module):
+    """One regulating head per prompt parameter (or per width), applied as ``R(name, grad)``.
+
+    Args:
+        shapes: ``{param_name: shape}`` of the prompt parameters to regulate.
+        share_by_width: one head per distinct last-dimension width instead of one per parameter.
+        rank: low-rank factorisation of the linear maps (``None`` = full D x D).
+        init_gain: gamma at initialisation (W = 0), in (0, 1).
+    """
+
+    def __init__(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        share_by_width: bool = False,
+        rank: int | None = None,
+        init_gain: float = 0.9,
+    ):
+        super().__init__()
+        if not shapes:
+            raise ValueError("GradientRegulator needs at least one prompt parameter shape")
+        if not 0.0 < init_gain < 1.0:
+            raise ValueError(f"init_gain must lie in (0, 1) (it is tanh of a bias), got {init_gain}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be >= 1 or None, got {rank}")
+        self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
+        for n, s in self.shapes.items():
+            if len(s) == 0:
+                raise ValueError(f"cannot regulate scalar parameter {n}: it has no last dimension")
+        self.share_by_width = share_by_width
+        self.rank = rank
+        self.init_gain = init_gain
+        self.heads = nn.ModuleDict()
+        for name, shape in self.shapes.items():
+            key = self._key(name)
+            if key not in self.heads:
+                self.heads[key] = _Head(shape[-1], rank, init_gain)
+
+    def _key(self, name: str) -> str:
+        return f"width_{self.shapes[name][-1]}" if self.share_by_width else _head_key(name)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, **kwargs) -> "GradientRegulator":
+        """A regulator for every marked prompt parameter of ``module``."""
+        from .prompts import prompt_parameters
+
+        return cls({n: p.shape for n, p in prompt_parameters(module).items()}, **kwargs)
+
+    def to_config(self) -> dict:
+        return {
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "share_by_width": self.share_by_width,
+            "rank": self.rank,
+            "init_gain": self.init_gain,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "GradientRegulator":
+        if not config or "shapes" not in config:
+            raise ValueError("regulator config needs 'shapes'")
+        return cls(
+            config["shapes"],
+            share_by_width=bool(config.get("share_by_width", False)),
+            rank=config.get("rank"),
+            init_gain=float(config.get("init_gain", 0.9)),
+        )
+
+    def has_head(self, name: str) -> bool:
+        return name in self.shapes
+
+    def forward(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(f"GradientRegulator has no head for {name!r}; it regulates {list(self.shapes)}")
+        if tuple(grad.shape[-1:]) != self.shapes[name][-1:]:
+            raise ValueError(f"gradient of {name} has shape {tuple(grad.shape)}, regulator expects {self.shapes[name]}")
+        head = self.heads[self._key(name)]
+        ref = head.gamma.bias
+        out = head(grad.to(device=ref.device, dtype=torch.float32))
+        return out.to(device=grad.device, dtype=grad.dtype)
+
+    def regulate(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """Regulate every gradient the regulator has a head for; others (and ``None``) pass through."""
+        return {n: (self(n, g) if g is not None and self.has_head(n) else g) for n, g in grads.items()}

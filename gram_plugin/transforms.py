@@ -1,0 +1,139 @@
+"""Pure gradient transforms on ``{name: grad}`` dictionaries, composable with :func:`chain`.
+
+In the style of optax: each factory returns a small function object; applying it never mutates its
+input and returns a new dictionary. ``None`` gradients (parameters that got no gradient this step)
+pass through untouched. Arithmetic runs in float32 and each result is cast back to the dtype of the
+gradient it replaces, so fp16/bf16 trainers get the dtype they gave.
+
+Transforms that need more than the gradient (ProGrad needs the gradient of the general-knowledge
+loss) read it from ``context``, a mapping the caller fills.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Protocol
+
+import torch
+
+Grads = Mapping[str, Optional[torch.Tensor]]
+
+
+class GradientTransform(Protocol):
+    def __call__(self, grads: Grads, context: Mapping | None = None) -> dict[str, Optional[torch.Tensor]]:
+        ...
+
+
+class _Named:
+    """A callable with a readable repr (shows up in logs and error messages)."""
+
+    def __init__(self, fn: Callable, text: str):
+        self._fn, self._text = fn, text
+
+    def __call__(self, grads: Grads, context: Mapping | None = None):
+        return self._fn(grads, context or {})
+
+    def __repr__(self) -> str:
+        return self._text
+
+
+def identity() -> GradientTransform:
+    return _Named(lambda grads, ctx: dict(grads), "identity()")
+
+
+def chain(*transforms: GradientTransform) -> GradientTransform:
+    """Apply ``transforms`` left to right: ``chain(prograd(1.0), regulate(R))``."""
+
+    def apply(grads, ctx):
+        out = dict(grads)
+        for t in transforms:
+            out = t(out, ctx)
+        return out
+
+    return _Named(apply, "chain(" + ", ".join(map(repr, transforms)) + ")")
+
+
+def regulate(regulator: Callable[[str, torch.Tensor], torch.Tensor]) -> GradientTransform:
+    """GRAM's gradient regulation (Li et al., ICCV 2023, eq. 5-6): g -> gamma(g) * g + beta(g).
+
+    ``regulator`` is a :class:`~gram_plugin.regulator.GradientRegulator` (or any callable
+    ``(name, grad) -> grad``). Parameters the regulator has no head for pass through unchanged.
+    Differentiable in the regulator's parameters (that is how meta-training learns it).
+    """
+
+    def apply(grads, ctx):
+        has_head = getattr(regulator, "has_head", lambda name: True)
+        out = {}
+        for name, g in grads.items():
+            if g is None or not has_head(name):
+                out[name] = g
+            else:
+                out[name] = regulator(name, g)
+        return out
+
+    return _Named(apply, f"regulate({type(regulator).__name__})")
+
+
+def prograd(lam: float = 1.0, general_key: str = "general_grads") -> GradientTransform:
+    """ProGrad (Zhu et al., ICCV 2023): drop the part of the task gradient that fights the zero-shot model.
+
+    Per parameter tensor, with G_d the task (cross-entropy) gradient and G_g the gradient of
+    KL(p_zero-shot || p_prompted) found in ``context[general_key]``::
+
+        G = G_d - lam * (G_d . G_g / ||G_g||^2) * G_g   if G_d . G_g < 0
+        G = G_d                                         otherwise
+
+    As in the published code the rule is applied tensor by tensor. Guarded here: a tensor whose
+    G_g is missing, zero or non-finite keeps G_d.
+    """
+    if lam < 0:
+        raise ValueError(f"prograd: lam must be >= 0, got {lam}")
+
+    def apply(grads, ctx):
+        general = ctx.get(general_key)
+        if general is None:
+            raise KeyError(
+                f"prograd needs the general-knowledge gradients in context[{general_key!r}] "
+                "(wrap the trainer's forward_backward with the ProGrad adapter)"
+            )
+        out = {}
+        for name, gd in grads.items():
+            gg = general.get(name)
+            if gd is None or gg is None:
+                out[name] = gd
+                continue
+            d, g = gd.float(), gg.to(device=gd.device, dtype=torch.float32)
+            dot = torch.sum(d * g)
+            norm_sq = torch.sum(g * g)
+            if not torch.isfinite(norm_sq) or norm_sq <= 0 or dot >= 0:
+                out[name] = gd
+                continue
+            out[name] = (d - lam * (dot / norm_sq) * g).to(gd.dtype)
+        return out
+
+    return _Named(apply, f"prograd(lam={lam})")
+
+
+def global_norm(grads: Grads) -> torch.Tensor:
+    """L2 norm of all non-None gradients taken together (float32)."""
+    sq = [torch.sum(g.float() ** 2) for g in grads.values() if g is not None]
+    if not sq:
+        return torch.zeros(())
+    return torch.sqrt(torch.stack([s.to(sq[0].device) for s in sq]).sum())
+
+
+def clip_meta(gamma: float = 5.0) -> GradientTransform:
+    """Meta-gradient clipping (Kim & Ok, "Generalizable Meta Prompt Learning"): G * gamma / max(||G||, gamma).
+
+    ||G|| is the global L2 norm over every tensor, so the direction is kept and the norm never
+    exceeds ``gamma``. When differentiated through (it is not, in our outer loop), the factor is
+    constant below the threshold and 1/||G|| above it; the kink sits at ||G|| = gamma.
+    """
+    if not gamma > 0:
+        raise ValueError(f"clip_meta: gamma must be > 0, got {gamma}")
+
+    def apply(grads, ctx):
+        norm = global_norm(grads)
+        scale = gamma / torch.clamp(norm, min=gamma)
+        return {n: (None if g is None else (g.float() * scale.to(g.device)).to(g.dtype)) for n, g in grads.items()}
+
+    return _Named(apply, f"clip_meta(gamma={gamma})")
