@@ -1,0 +1,62 @@
+"""Shared test fixtures: tiny random-init open_clip CLIPs and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA_CACHE = Path(os.environ.get("GRAM_TEST_DATA_CACHE", Path.home() / ".cache" / "gram-plugin-tests"))
+
+
+def make_tiny_clip(seed: int = 0, image_size: int = 32, embed_dim: int = 32, text_width: int = 32, vision_width: int = 64):
+    """A randomly initialised open_clip CLIP with the real module layout and tokenizer (77 tokens)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=embed_dim,
+        vision_cfg=CLIPVisionCfg(layers=2, width=vision_width, head_width=32, patch_size=8, image_size=image_size),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=2, layers=2),
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_clip():
+    return make_tiny_clip()
+
+
+def extract_shared(archive: str) -> Path:
+    """Extract ``../shared/data/<archive>`` once into the test cache; return the cache folder."""
+    src = SHARED_DATA / archive
+    if not src.exists():
+        pytest.skip(f"real data {src} not available")
+    dest = DATA_CACHE / archive.replace(".tar", "")
+    marker = dest / ".extracted"
+    if not marker.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(src) as tf:
+            tf.extractall(dest, filter="data")
+        marker.touch()
+    return dest
+
+
+@pytest.fixture(scope="session")
+def caltech_root() -> Path:
+    return extract_shared("caltech-101.tar")
+
+
+@pytest.fixture(scope="session")
+def imagenet_root() -> Path:
+    return extract_shared("imagenet-mini.tar")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_root() -> Path:
+    return extract_shared("hymenoptera.tar")
