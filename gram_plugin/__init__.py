@@ -1,6 +1,7 @@
 """gram-plugin: meta-learned prompt initialisation and regulated gradients for CLIP prompt tuning."""
 
 from .hooks import GradientHook, install_gradient_transform
+from .meta import MetaConfig, MetaPromptTrainer, MetaTrainingError, module_loss
 from .prompts import PromptInit, PromptInitError, mark_prompts, prompt_parameters, unmark_prompts
 from .regulator import GradientRegulator
 from .tasks import FixedTasks, Task, TaskSource

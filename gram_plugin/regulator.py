@@ -15,7 +15,8 @@ Initialisation: W = 0 (full rank) or V = 0 (low rank), b_b = 0 and b_g = atanh(i
 the start R(g) = init_gain * g -- plain gradient descent with a slightly smaller step -- and
 meta-training moves away from it only as far as the query loss asks.
 
-The regulator computes in float32 whatever the dtype of the gradient and returns that dtype.
+The regulator computes in float32 (float64 for float64 gradients) whatever the dtype of the
+gradient and returns that dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _head_key(name: str) -> str:
 
 
 class _LinearMap(nn.Module):
-    def __init__(self, width: int, rank: int | None):
+    def __init__(self, width: int, rank: int | None, generator: torch.Generator | None = None):
         super().__init__()
         if rank is None:
             self.weight = nn.Parameter(torch.zeros(width, width))
@@ -41,22 +42,23 @@ class _LinearMap(nn.Module):
         else:
             self.weight = None
             # u random, v zero: the product starts at zero but both factors receive gradients
-            self.u = nn.Parameter(torch.randn(width, rank) / math.sqrt(width))
+            self.u = nn.Parameter(torch.randn(width, rank, generator=generator) / math.sqrt(width))
             self.v = nn.Parameter(torch.zeros(rank, width))
         self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
         if self.weight is not None:
-            return x @ self.weight.t() + self.bias
-        return (x @ self.v.t()) @ self.u.t() + self.bias
+            return x @ self.weight.to(dt).t() + self.bias.to(dt)
+        return (x @ self.v.to(dt).t()) @ self.u.to(dt).t() + self.bias.to(dt)
 
 
 class _Head(nn.Module):
-    def __init__(self, width: int, rank: int | None, init_gain: float):
+    def __init__(self, width: int, rank: int | None, init_gain: float, generator: torch.Generator | None = None):
         super().__init__()
         self.width = width
-        self.gamma = _LinearMap(width, rank)
-        self.beta = _LinearMap(width, rank)
+        self.gamma = _LinearMap(width, rank, generator)
+        self.beta = _LinearMap(width, rank, generator)
         with torch.no_grad():
             self.gamma.bias.fill_(math.atanh(init_gain))
 
@@ -75,6 +77,7 @@ class GradientRegulator(nn.Module):
         share_by_width: one head per distinct last-dimension width instead of one per parameter.
         rank: low-rank factorisation of the linear maps (``None`` = full D x D).
         init_gain: gamma at initialisation (W = 0), in (0, 1).
+        seed: seeds the random factor of low-rank heads (the full-rank init is deterministic).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class GradientRegulator(nn.Module):
         share_by_width: bool = False,
         rank: int | None = None,
         init_gain: float = 0.9,
+        seed: int = 0,
     ):
         super().__init__()
         if not shapes:
@@ -98,11 +102,13 @@ class GradientRegulator(nn.Module):
         self.share_by_width = share_by_width
         self.rank = rank
         self.init_gain = init_gain
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
         self.heads = nn.ModuleDict()
         for name, shape in self.shapes.items():
             key = self._key(name)
             if key not in self.heads:
-                self.heads[key] = _Head(shape[-1], rank, init_gain)
+                self.heads[key] = _Head(shape[-1], rank, init_gain, generator)
 
     def _key(self, name: str) -> str:
         return f"width_{self.shapes[name][-1]}" if self.share_by_width else _head_key(name)
@@ -120,6 +126,7 @@ class GradientRegulator(nn.Module):
             "share_by_width": self.share_by_width,
             "rank": self.rank,
             "init_gain": self.init_gain,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -131,6 +138,7 @@ class GradientRegulator(nn.Module):
             share_by_width=bool(config.get("share_by_width", False)),
             rank=config.get("rank"),
             init_gain=float(config.get("init_gain", 0.9)),
+            seed=int(config.get("seed", 0)),
         )
 
     def has_head(self, name: str) -> bool:
@@ -143,7 +151,9 @@ class GradientRegulator(nn.Module):
             raise ValueError(f"gradient of {name} has shape {tuple(grad.shape)}, regulator expects {self.shapes[name]}")
         head = self.heads[self._key(name)]
         ref = head.gamma.bias
-        out = head(grad.to(device=ref.device, dtype=torch.float32))
+        # float32 at least (fp16/bf16 gradients are upcast); float64 stays float64 (exact tests)
+        compute = torch.promote_types(grad.dtype, torch.float32)
+        out = head(grad.to(device=ref.device, dtype=compute))
         return out.to(device=grad.device, dtype=grad.dtype)
 
     def regulate(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
