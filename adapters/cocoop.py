@@ -1,0 +1,31 @@
+"""CoCoOp (Zhou et al., CVPR 2022; KaiyangZhou/CoOp ``trainers/cocoop.py``).
+
+Layout: ``prompt_learner.ctx`` ``(n_ctx, ctx_dim)`` and the Meta-Net
+``prompt_learner.meta_net.{linear1,linear2}.{weight,bias}`` (``vis_dim -> vis_dim // 16 -> ctx_dim``;
+half precision under ``PREC fp16``). Config node ``TRAINER.COCOOP``. Its ``forward_backward`` calls
+``optim.zero_grad(); loss.backward(); optim.step()`` (or ``scaler.step``) directly, and the model
+returns the *loss* while ``prompt_learner.training`` is set, so the logits for ProGrad are taken
+with that one flag cleared (not ``.eval()``: nothing else changes).
+
+Zero-shot teacher: as for CoOp, the hand-crafted ``CTX_INIT`` context without the Meta-Net shift.
+"""
+
+from __future__ import annotations
+
+from .base import register_adapter
+from .coop import CoOpAdapter
+
+
+@register_adapter("CoCoOp")
+class CoCoOpAdapter(CoOpAdapter):
+    prompt_pattern = r"^prompt_learner\.(ctx$|meta_net\.)"
+    cfg_key = "COCOOP"
+
+    def prompted_logits(self, images):
+        pl = self.model.prompt_learner
+        was = pl.training
+        pl.training = False  # CustomCLIP.forward returns logits, not the loss, when this flag is off
+        try:
+            return self.trainer.model(images)
+        finally:
+            pl.training = was

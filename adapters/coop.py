@@ -1,0 +1,98 @@
+"""CoOp (Zhou et al., IJCV 2022; KaiyangZhou/CoOp ``trainers/coop.py``).
+
+Layout: ``trainer.model = CustomCLIP`` with ``prompt_learner.ctx`` of shape ``(n_ctx, ctx_dim)``, or
+``(n_cls, n_ctx, ctx_dim)`` with ``TRAINER.COOP.CSC``; ``CTX_INIT`` ("a photo of a") sets n_ctx to
+its word count. ``register_model("prompt_learner", ...)``; the fp16/fp32 path steps through
+``model_backward_and_update``, amp through ``scaler.step(optim)``.
+
+Zero-shot teacher for ProGrad: CoOp keeps no token embedding, but with ``CTX_INIT`` the initial
+context *is* the embedding of the hand-crafted words, so ``[SOS] + ctx_init + [class].[EOS]`` through
+the trainer's own frozen text encoder is exactly zero-shot CLIP on "a photo of a {class}.". The
+context is captured in :meth:`prepare`, before a meta-learned init replaces it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AdapterError, DasslAdapter, register_adapter
+
+
+def _cfg_node(trainer, key: str):
+    cfg = getattr(trainer, "cfg", None)
+    try:
+        return getattr(cfg.TRAINER, key)
+    except AttributeError:
+        return None
+
+
+@register_adapter("CoOp")
+class CoOpAdapter(DasslAdapter):
+    prompt_pattern = r"^prompt_learner\.ctx$"
+    init_aliases = {"ctx": "prompt_learner.ctx"}
+    cfg_key = "COOP"
+
+    def prepare(self) -> None:
+        pl = self.model.prompt_learner
+        node = _cfg_node(self.trainer, self.cfg_key)
+        ctx_init = getattr(node, "CTX_INIT", "") if node is not None else ""
+        position = getattr(pl, "class_token_position", "end")
+        # the initial context is a hand-crafted prompt only when CTX_INIT gave words
+        if ctx_init and pl.ctx.dim() == 2 and position == "end":
+            self._hand_ctx = pl.ctx.detach().clone()
+        else:
+            self._hand_ctx = None
+            self._why_no_teacher = (
+                f"TRAINER.{self.cfg_key}.CTX_INIT is empty (random context is no zero-shot prompt)"
+                if not ctx_init
+                else "class-specific or non-'end' context layouts have no single hand-crafted prompt"
+            )
+        self._text_features = None
+
+    @torch.no_grad()
+    def _zero_shot_text_features(self) -> torch.Tensor:
+        if self._text_features is None:
+            model = self.model
+            pl = model.prompt_learner
+            ctx = self._hand_ctx.to(pl.token_prefix.device, pl.token_prefix.dtype)
+            ctx = ctx.unsqueeze(0).expand(pl.n_cls, -1, -1)
+            prompts = torch.cat([pl.token_prefix, ctx, pl.token_suffix], dim=1)
+            tf = model.text_encoder(prompts, model.tokenized_prompts)
+            self._text_features = tf / tf.norm(dim=-1, keepdim=True)
+        return self._text_features
+
+    @torch.no_grad()
+    def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_hand_ctx", None) is None:
+            raise NotImplementedError(
+                f"ProGrad on {type(self.trainer).__name__} needs a zero-shot teacher: "
+                f"{getattr(self, '_why_no_teacher', 'prepare() was not called')}; set e.g. "
+                f"TRAINER.{self.cfg_key}.CTX_INIT 'a photo of a' or pass a teacher"
+            )
+        model = self.model
+        f = model.image_encoder(images.type(model.dtype))
+        f = f / f.norm(dim=-1, keepdim=True)
+        tf = self._zero_shot_text_features()
+        return model.logit_scale.exp() * f @ tf.t()
+
+
+@register_adapter("ProGrad")
+class ProGradTrainerAdapter(CoOpAdapter):
+    """ProGrad's own trainer (BeierZhu/Prompt-align ``trainers/prograd.py``): CoOp's prompt learner,
+    ``TRAINER.COOP`` config, a frozen zero-shot CLIP in ``trainer.zs_clip``, and a
+    ``prograd_backward_and_update`` that projects the gradients before ``optim.step()``.
+
+    The trainer projects by itself (``LOSS.LAMBDA``), so ``wrap`` refuses a second ProGrad; the
+    regulator (a step pre-hook) then acts on the already projected gradient, i.e. the order is the
+    same as ``chain(prograd, regulate)``.
+    """
+
+    projects_itself = True
+
+    def prepare(self) -> None:
+        if not hasattr(self.trainer, "zs_clip"):
+            raise AdapterError("ProGrad trainer without `zs_clip`: is this ProGrad's own trainer?")
+
+    @torch.no_grad()
+    def zero_shot_logits(self, images):
+        return self.trainer.zs_clip(images)
