@@ -172,11 +172,17 @@ def wrap(
     adapter.prepare()  # before the init overwrites anything the adapter needs (e.g. the hand-crafted ctx)
     prompts = adapter.prompt_parameters()
 
-    if lam is not None and adapter.projects_itself:
-        raise AdapterError(
-            f"{type(trainer).__name__} already projects its gradients (ProGrad's own trainer, LOSS.LAMBDA); "
-            "do not ask wrap for prograd as well"
-        )
+    if lam is not None:
+        if adapter.projects_itself:
+            raise AdapterError(
+                f"{type(trainer).__name__} already projects its gradients (ProGrad's own trainer, LOSS.LAMBDA); "
+                "do not ask wrap for prograd as well"
+            )
+        problem = adapter.teacher_problem()
+        if problem:
+            raise AdapterError(problem)
+        if float(lam) < 0:
+            raise ValueError(f"prograd lambda must be >= 0, got {lam}")
 
     handle = GramWrap(trainer, adapter, prompts)
     loaded = None

@@ -122,6 +122,12 @@ class DasslAdapter:
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no zero-shot teacher")
 
+    def teacher_problem(self) -> Optional[str]:
+        """Why ProGrad cannot run on this trainer (``None`` when a zero-shot teacher exists)."""
+        if "zero_shot_logits" in self.__dict__ or type(self).zero_shot_logits is not DasslAdapter.zero_shot_logits:
+            return None
+        return f"{type(self).__name__} has no zero-shot teacher: pass wrap(..., teacher=<images -> logits>)"
+
     def prepare(self) -> None:
         """Called by ``wrap`` before the init is swapped in."""
 
@@ -166,6 +172,11 @@ class GenericAdapter(DasslAdapter):
 
     def prompted_logits(self, images):
         return self._logits(images) if self._logits is not None else super().prompted_logits(images)
+
+    def teacher_problem(self):
+        if self._teacher is None and "zero_shot_logits" not in self.__dict__:
+            return "GenericAdapter has no zero-shot teacher: pass wrap(..., teacher=<images -> logits>)"
+        return None
 
     def zero_shot_logits(self, images):
         if self._teacher is None:

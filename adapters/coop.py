@@ -49,6 +49,15 @@ class CoOpAdapter(DasslAdapter):
             )
         self._text_features = None
 
+    def teacher_problem(self):
+        if "zero_shot_logits" in self.__dict__ or getattr(self, "_hand_ctx", None) is not None:
+            return None
+        return (
+            f"ProGrad on {type(self.trainer).__name__} needs a zero-shot teacher: "
+            f"{getattr(self, '_why_no_teacher', 'prepare() was not called')}; set e.g. "
+            f"TRAINER.{self.cfg_key}.CTX_INIT 'a photo of a' or pass wrap(..., teacher=<images -> logits>)"
+        )
+
     @torch.no_grad()
     def _zero_shot_text_features(self) -> torch.Tensor:
         if self._text_features is None:
@@ -63,12 +72,9 @@ class CoOpAdapter(DasslAdapter):
 
     @torch.no_grad()
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_hand_ctx", None) is None:
-            raise NotImplementedError(
-                f"ProGrad on {type(self.trainer).__name__} needs a zero-shot teacher: "
-                f"{getattr(self, '_why_no_teacher', 'prepare() was not called')}; set e.g. "
-                f"TRAINER.{self.cfg_key}.CTX_INIT 'a photo of a' or pass a teacher"
-            )
+        problem = self.teacher_problem()
+        if problem:
+            raise NotImplementedError(problem)
         model = self.model
         f = model.image_encoder(images.type(model.dtype))
         f = f / f.norm(dim=-1, keepdim=True)
@@ -92,6 +98,9 @@ class ProGradTrainerAdapter(CoOpAdapter):
     def prepare(self) -> None:
         if not hasattr(self.trainer, "zs_clip"):
             raise AdapterError("ProGrad trainer without `zs_clip`: is this ProGrad's own trainer?")
+
+    def teacher_problem(self):
+        return None
 
     @torch.no_grad()
     def zero_shot_logits(self, images):
