@@ -64,6 +64,8 @@ class GramWrap:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        if getattr(self.trainer, "_gram_wrap", None) is self:
+            del self.trainer._gram_wrap
         fb = self.trainer.__dict__.get("forward_backward")
         if fb is not None and hasattr(fb, "__wrapped__"):
             del self.trainer.forward_backward
@@ -143,6 +145,12 @@ def wrap(
     Called with none of ``init/regulator/prograd/clip``, the settings come from
     ``trainer.cfg.GRAM`` (see :func:`add_gram_cfg`); with ``GRAM.ENABLED False`` nothing is changed.
     """
+    previous = getattr(trainer, "_gram_wrap", None)
+    if previous is not None:
+        raise AdapterError(
+            f"{type(trainer).__name__} is already wrapped ({previous!r}); call .remove() on the handle "
+            "wrap returned before wrapping again"
+        )
     explicit = {k: v for k, v in dict(init=init, regulator=regulator, prograd=prograd, clip=clip).items() if v is not _FROM_CFG}
     if not explicit:
         opts = options_from_cfg(getattr(trainer, "cfg", None))
@@ -206,6 +214,7 @@ def wrap(
         handle.regulator = reg
     if gamma:
         steps.append(clip_meta(float(gamma)))
+    trainer._gram_wrap = handle
     if not steps:
         return handle
 
@@ -215,6 +224,7 @@ def wrap(
         if any(id(p) in owned for p in prompts.values()):
             handle.hooks.append(install_gradient_transform(opt, prompts, handle.transform))
     if not handle.hooks:
+        del trainer._gram_wrap
         raise AdapterError(f"no registered optimiser of {type(trainer).__name__} owns the prompt parameters {list(prompts)}")
     if lam is not None:
         wrap_forward_backward(trainer, adapter, handle.hooks, prompts)

@@ -312,8 +312,16 @@ def test_regulator_from_init_file_is_used_by_default(tmp_path):
     assert handle.regulator is not None
     for k, v in reg.state_dict().items():
         assert torch.equal(handle.regulator.state_dict()[k], v)
+    with pytest.raises(AdapterError, match="already wrapped"):
+        wrap(trainer, regulator=reg)
     handle.remove()
     assert handle.hooks == []
+    before = trainer.model.prompt_learner.ctx.detach().clone()
+    batch = make_batch(seed=4)
+    (g,) = ce_grads(trainer, batch, [trainer.model.prompt_learner.ctx])
+    trainer.forward_backward(batch)  # unwrapped again: a plain SGD step
+    assert torch.allclose(trainer.model.prompt_learner.ctx.detach(), sgd_first_step(before, g), atol=1e-7, rtol=1e-5)
+    wrap(trainer, regulator=reg)  # and it can be wrapped again
 
 
 # ---------------------------------------------------------------------------------------------
