@@ -1,0 +1,160 @@
+"""Prompted CLIP over any :class:`~gram_plugin.backbones.Backbone`: CoOp, VPT, and both (UNIGRAM).
+
+Text prompts follow CoOp: the prompt is ``[SOS] ctx_1 .. ctx_n {classname}. [EOS]`` built by
+tokenising ``"X X .. X {classname}."`` and replacing the n placeholder embeddings with the learned
+context. Visual prompts follow VPT (shallow: tokens at the input; deep: fresh tokens per layer).
+Only the prompt tensors are parameters that train; the backbone is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .prompts import mark_prompts
+
+MODES = ("coop", "vpt", "unigram")
+
+
+class PromptedCLIP(nn.Module):
+    """Prompt-tuned CLIP classifier.
+
+    Args:
+        backbone: a frozen Backbone (e.g. ``OpenCLIPBackbone``).
+        mode: ``"coop"`` (text context), ``"vpt"`` (visual prompts) or ``"unigram"`` (both).
+        n_ctx: number of text context vectors.
+        ctx_init: phrase to initialise the context from (its word count must equal n_ctx), or
+            ``None`` for random N(0, 0.02) init as in CoOp.
+        n_vpt: visual prompt tokens per layer; ``vpt_deep``: one set per image-tower layer.
+        classnames: initial class names (``set_classnames`` changes them).
+    """
+
+    def __init__(self, backbone, mode: str = "coop", n_ctx: int = 4, ctx_init: str | None = "a photo of a",
+                 n_vpt: int = 4, vpt_deep: bool = False, classnames: list[str] | None = None, seed: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.backbone = backbone
+        self.mode = mode
+        self.uses_text_prompt = mode in ("coop", "unigram")
+        self.uses_visual_prompt = mode in ("vpt", "unigram")
+        gen = torch.Generator().manual_seed(seed)
+        dtype = backbone.embed_tokens(backbone.tokenize(["a"])).dtype
+        self.n_ctx = n_ctx if self.uses_text_prompt else 0
+        self.ctx_init = ctx_init
+        names = []
+        if self.uses_text_prompt:
+            if n_ctx < 1:
+                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+            if ctx_init:
+                words = ctx_init.replace("_", " ").split()
+                if len(words) != n_ctx:
+                    raise ValueError(f"ctx_init {ctx_init!r} has {len(words)} words but n_ctx={n_ctx}")
+                with torch.no_grad():
+                    emb = backbone.embed_tokens(backbone.tokenize([" ".join(words)]))[0]
+                ctx = emb[1 : 1 + n_ctx].detach().clone()
+                # one word may become several BPE tokens; the first n_ctx tokens are the ones CoOp uses
+            else:
+                ctx = torch.randn(n_ctx, backbone.ctx_dim, generator=gen) * 0.02
+            self.ctx = nn.Parameter(ctx.to(dtype))
+            names.append("ctx")
+        if self.uses_visual_prompt:
+            if backbone.vision_width is None:
+                raise ValueError(f"backbone {backbone.name} does not support visual prompts")
+            if n_vpt < 1:
+                raise ValueError(f"n_vpt must be >= 1, got {n_vpt}")
+            layers = backbone.vision_layers if vpt_deep else 1
+            self.vpt = nn.ParameterList(
+                [nn.Parameter(torch.randn(n_vpt, backbone.vision_width, generator=gen) * 0.02) for _ in range(layers)]
+            )
+            names += [f"vpt.{i}" for i in range(layers)]
+        self.n_vpt = n_vpt if self.uses_visual_prompt else 0
+        self.vpt_deep = vpt_deep and self.uses_visual_prompt
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        mark_prompts(self, names=names)
+        self.classnames: list[str] = []
+        if classnames is not None:
+            self.set_classnames(classnames)
+
+    # -- classes -------------------------------------------------------------------------------
+    def set_classnames(self, classnames: list[str]) -> None:
+        """Rebuild the class-dependent token buffers (one model serves tasks with different classes)."""
+        classnames = [str(c).replace("_", " ") for c in classnames]
+        if not classnames:
+            raise ValueError("set_classnames needs at least one class name")
+        if list(classnames) == self.classnames:
+            return
+        self.classnames = list(classnames)
+        bb = self.backbone
+        placeholder = " ".join(["X"] * self.n_ctx)
+        texts = [f"{placeholder} {c}." if self.n_ctx else f"a photo of a {c}." for c in classnames]
+        ids = bb.tokenize(texts)
+        with torch.no_grad():
+            emb = bb.embed_tokens(ids)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)  # SOS
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx :].clone(), persistent=False)  # class, '.', EOS
+        if not self.uses_text_prompt:  # fixed hand-crafted prompt: text features computed once
+            with torch.no_grad():
+                self.register_buffer("fixed_text", bb.encode_text_embeddings(emb, ids), persistent=False)
+
+    # -- forward -------------------------------------------------------------------------------
+    def visual_prompts(self) -> list[torch.Tensor] | None:
+        return list(self.vpt) if self.uses_visual_prompt else None
+
+    def text_features(self) -> torch.Tensor:
+        if not self.classnames:
+            raise RuntimeError("no class names set: call set_classnames(list) or pass batch['classnames']")
+        if not self.uses_text_prompt:
+            return self.fixed_text
+        n = len(self.classnames)
+        ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0).expand(n, -1, -1)
+        emb = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+        return self.backbone.encode_text_embeddings(emb, self.token_ids)
+
+    def image_features(self, batch: dict) -> torch.Tensor:
+        if "features" in batch:
+            if self.uses_visual_prompt:
+                raise ValueError("batch has precomputed 'features' but this model learns visual prompts; pass 'images'")
+            return batch["features"]
+        if "images" in batch:
+            return self.backbone.encode_image(batch["images"], self.visual_prompts())
+        raise KeyError("batch needs 'images' or 'features'")
+
+    def logits(self, batch: dict | torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            batch = {"images": batch}
+        if "classnames" in batch:
+            self.set_classnames(list(batch["classnames"]))
+        img = F.normalize(self.image_features(batch).float(), dim=-1)
+        txt = F.normalize(self.text_features().float(), dim=-1)
+        return self.backbone.logit_scale.float() * img @ txt.t()
+
+    forward = logits
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch["labels"].to(torch.long))
+
+    @torch.no_grad()
+    def accuracy(self, batch: dict) -> float:
+        pred = self.logits(batch).argmax(-1)
+        return float((pred == batch["labels"]).float().mean())
+
+    def meta_loss_fn(self):
+        """``loss_fn(params, batch)`` for :class:`~gram_plugin.meta.MetaPromptTrainer`."""
+        from .meta import module_loss
+
+        return module_loss(self, lambda module, batch: module.loss(batch))
+
+    def config(self) -> dict[str, Any]:
+        return {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
+                "vpt_deep": self.vpt_deep, "backbone": self.backbone.name}
+
+
+def loss_fn(model: PromptedCLIP):
+    """Module-level alias of :meth:`PromptedCLIP.meta_loss_fn`."""
+    return model.meta_loss_fn()
