@@ -1,0 +1,316 @@
+"""Labelled image data for the standalone path: folders, CoOp layouts, few-shot sampling, task sources.
+
+Batches follow the shared convention: ``{"images": (N,3,H,W)}`` or ``{"features": (N,D)}``, plus
+``"labels"`` (N,) in ``[0, n_classes)`` and ``"classnames"`` (index = label).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .tasks import Task
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # CoOp's Caltech101 drops these two folders
+CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+
+
+class DataError(ValueError):
+    """A dataset or task request that cannot be met."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    label: int
+
+
+class ImageDataset:
+    """A list of (path, label) items with class names; loads and transforms images on access.
+
+    Optionally backed by precomputed features (``with_features``), in which case batches carry
+    ``"features"`` instead of ``"images"``.
+    """
+
+    def __init__(self, items: Sequence[Item], classnames: Sequence[str], transform: Callable | None = None, name: str = "dataset"):
+        self.items = list(items)
+        self.classnames = list(classnames)
+        self.transform = transform
+        self.name = name
+        self.features: torch.Tensor | None = None
+        bad = [it for it in self.items if not 0 <= it.label < len(self.classnames)]
+        if bad:
+            raise DataError(f"{name}: {len(bad)} items have labels outside [0, {len(self.classnames)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([it.label for it in self.items], dtype=torch.long)
+
+    @property
+    def paths(self) -> list[str]:
+        return [it.path for it in self.items]
+
+    def load_image(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        if self.transform is None:
+            raise DataError(f"{self.name}: no transform set (pass the backbone's preprocess)")
+        with Image.open(self.items[i].path) as im:
+            return self.transform(im.convert("RGB"))
+
+    def with_transform(self, transform: Callable) -> "ImageDataset":
+        ds = ImageDataset(self.items, self.classnames, transform, self.name)
+        ds.features = self.features
+        return ds
+
+    def with_features(self, features: torch.Tensor) -> "ImageDataset":
+        if features.shape[0] != len(self):
+            raise DataError(f"{self.name}: {features.shape[0]} feature rows for {len(self)} items")
+        ds = ImageDataset(self.items, self.classnames, self.transform, self.name)
+        ds.features = features
+        return ds
+
+    def subset(self, indices: Sequence[int], classnames: Sequence[str] | None = None, relabel: dict[int, int] | None = None) -> "ImageDataset":
+        idx = list(indices)
+        items = [self.items[i] for i in idx]
+        if relabel is not None:
+            items = [Item(it.path, relabel[it.label]) for it in items]
+        ds = ImageDataset(items, classnames if classnames is not None else self.classnames, self.transform, self.name)
+        if self.features is not None:
+            ds.features = self.features[idx]
+        return ds
+
+    def batch(self, indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
+              classnames: Sequence[str] | None = None) -> dict:
+        """A standard batch of the given items (all by default); labels/classnames may be remapped."""
+        idx = list(range(len(self))) if indices is None else list(indices)
+        out: dict = {}
+        if self.features is not None:
+            out["features"] = self.features[idx]
+        else:
+            out["images"] = torch.stack([self.load_image(i) for i in idx]) if idx else torch.empty(0)
+        out["labels"] = labels if labels is not None else torch.tensor([self.items[i].label for i in idx], dtype=torch.long)
+        out["classnames"] = list(classnames if classnames is not None else self.classnames)
+        return out
+
+    def indices_by_class(self) -> dict[int, list[int]]:
+        by: dict[int, list[int]] = {}
+        for i, it in enumerate(self.items):
+            by.setdefault(it.label, []).append(i)
+        return by
+
+
+# -- layouts ---------------------------------------------------------------------------------------
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def image_folder(root: str | os.PathLike, transform: Callable | None = None, ignored: Sequence[str] = (),
+                 rename: dict[str, str] | None = None, name: str | None = None) -> ImageDataset:
+    """``root/<class>/*.jpg`` -> dataset; classes sorted by folder name, label = sorted index."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in ignored)
+    if not classes:
+        raise DataError(f"image folder {root} has no class sub-folders")
+    items = [Item(str(p), label) for label, c in enumerate(classes) for p in _images_in(root / c)]
+    if not items:
+        raise DataError(f"image folder {root} has no images ({', '.join(IMAGE_EXTS)})")
+    rename = rename or {}
+    names = [rename.get(c, c).replace("_", " ") for c in classes]
+    return ImageDataset(items, names, transform, name or root.name)
+
+
+def caltech101(root: str | os.PathLike, transform: Callable | None = None) -> ImageDataset:
+    """CoOp's Caltech101: ``root/[caltech-101/]101_ObjectCategories``, without BACKGROUND_Google and Faces_easy."""
+    root = Path(root)
+    for cand in (root, root / "caltech-101", root / "101_ObjectCategories", root / "caltech-101" / "101_ObjectCategories"):
+        if cand.name == "101_ObjectCategories" and cand.is_dir():
+            return image_folder(cand, transform, ignored=CALTECH_IGNORED, rename=CALTECH_RENAME, name="caltech101")
+    raise DataError(f"no 101_ObjectCategories folder under {root}")
+
+
+def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable | None = None) -> ImageDataset:
+    """CoOp's ImageNet layout: ``root/[imagenet/]classnames.txt`` + ``images/{train,val}/<wnid>/``."""
+    root = Path(root)
+    if not (root / "classnames.txt").exists() and (root / "imagenet" / "classnames.txt").exists():
+        root = root / "imagenet"
+    names_file = root / "classnames.txt"
+    if not names_file.exists():
+        raise DataError(f"no classnames.txt under {root}")
+    wnid_to_name = {}
+    for line in names_file.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            wnid, _, cname = line.strip().partition(" ")
+            wnid_to_name[wnid] = cname.strip()
+    folder = root / "images" / split
+    if not folder.is_dir():
+        raise DataError(f"no images/{split} folder under {root}")
+    wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    missing = [w for w in wnids if w not in wnid_to_name]
+    if missing:
+        raise DataError(f"classnames.txt has no name for {missing[:5]}")
+    items = [Item(str(p), label) for label, w in enumerate(wnids) for p in _images_in(folder / w)]
+    return ImageDataset(items, [wnid_to_name[w] for w in wnids], transform, f"imagenet-{split}")
+
+
+def load_dataset(spec: str, transform: Callable | None = None) -> ImageDataset:
+    """``caltech101:ROOT``, ``imagenet:ROOT``, ``folder:ROOT``, ``default`` (the embedded set) or a folder path."""
+    kind, _, root = spec.partition(":")
+    if spec == "default":
+        return default_dataset(transform)
+    if kind == "caltech101":
+        return caltech101(root, transform)
+    if kind == "imagenet":
+        return imagenet(root, "train", transform)
+    if kind == "folder":
+        return image_folder(root, transform)
+    return image_folder(spec, transform)
+
+
+def default_dataset(transform: Callable | None = None) -> ImageDataset:
+    """The small real image set embedded in the package (``gram_plugin/data/``)."""
+    root = Path(__file__).parent / "data" / "caltech10"
+    return image_folder(root, transform, rename=CALTECH_RENAME, name="caltech10-embedded")
+
+
+# -- splits and few-shot -----------------------------------------------------------------------------
+def subsample_classes(dataset: ImageDataset, subsample: str = "all") -> ImageDataset:
+    """CoOp's ``subsample_classes``: sorted labels, first ``ceil(n/2)`` are base, rest new; relabelled from 0."""
+    if subsample not in ("all", "base", "new"):
+        raise DataError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    if subsample == "all":
+        return dataset
+    labels = sorted(set(it.label for it in dataset.items))
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: i for i, y in enumerate(selected)}
+    idx = [i for i, it in enumerate(dataset.items) if it.label in relabel]
+    names = [dataset.classnames[y] for y in selected]
+    return dataset.subset(idx, names, relabel)
+
+
+def split_train_test(dataset: ImageDataset, test_fraction: float = 0.5, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Per-class random split (each class keeps at least one image on each side when it has two)."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label, idx in sorted(dataset.indices_by_class().items()):
+        perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1) if len(idx) > 1 else 0
+        test += perm[:n_test]
+        train += perm[n_test:]
+    return dataset.subset(sorted(train)), dataset.subset(sorted(test))
+
+
+def few_shot(dataset: ImageDataset, shots: int, seed: int = 0) -> ImageDataset:
+    """K images per class drawn with ``seed`` (CoOp's generate_fewshot_dataset); error if a class has fewer."""
+    if shots < 1:
+        raise DataError(f"shots must be >= 1, got {shots}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label, idx in sorted(dataset.indices_by_class().items()):
+        if len(idx) < shots:
+            raise DataError(f"class {dataset.classnames[label]!r} has {len(idx)} images, fewer than {shots} shots")
+        chosen += [idx[i] for i in torch.randperm(len(idx), generator=g)[:shots].tolist()]
+    return dataset.subset(sorted(chosen))
+
+
+# -- task sources ------------------------------------------------------------------------------------
+def _check_task(support: dict, query: dict, n_classes: int) -> None:
+    if n_classes < 2:
+        raise DataError(f"a task needs at least 2 classes, got {n_classes}")
+    if len(support["labels"]) == 0:
+        raise DataError("task has an empty support set")
+    if len(query["labels"]) == 0:
+        raise DataError("task has an empty query set")
+
+
+class NWayKShotTasks:
+    """N-way tasks from class subsets: ``k_support`` + ``k_query`` images of each of ``n_way`` random classes.
+
+    Labels are remapped to ``[0, n_way)`` and ``classnames`` lists the task's classes.
+    """
+
+    def __init__(self, dataset: ImageDataset, n_way: int, k_support: int, k_query: int):
+        self.dataset, self.n_way, self.k_support, self.k_query = dataset, n_way, k_support, k_query
+        self.by_class = dataset.indices_by_class()
+        if n_way < 2:
+            raise DataError(f"a task needs at least 2 classes, n_way={n_way}")
+        if k_support < 1 or k_query < 1:
+            raise DataError(f"k_support and k_query must be >= 1 (empty support/query), got {k_support}, {k_query}")
+        need = k_support + k_query
+        eligible = [c for c, idx in self.by_class.items() if len(idx) >= need]
+        if len(eligible) < n_way:
+            raise DataError(f"{dataset.name}: only {len(eligible)} classes have >= {need} images; {n_way}-way tasks need {n_way}")
+        self.eligible = sorted(eligible)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        pick = torch.randperm(len(self.eligible), generator=generator)[: self.n_way].tolist()
+        classes = [self.eligible[i] for i in pick]
+        s_idx, q_idx, s_lab, q_lab = [], [], [], []
+        for new, c in enumerate(classes):
+            idx = self.by_class[c]
+            perm = torch.randperm(len(idx), generator=generator).tolist()
+            s_idx += [idx[i] for i in perm[: self.k_support]]
+            q_idx += [idx[i] for i in perm[self.k_support : self.k_support + self.k_query]]
+            s_lab += [new] * self.k_support
+            q_lab += [new] * self.k_query
+        names = [self.dataset.classnames[c] for c in classes]
+        support = self.dataset.batch(s_idx, torch.tensor(s_lab), names)
+        query = self.dataset.batch(q_idx, torch.tensor(q_lab), names)
+        _check_task(support, query, len(names))
+        return Task(support, query, {"classes": names, "dataset": self.dataset.name})
+
+    def describe(self) -> dict:
+        return {"kind": "n-way-k-shot", "dataset": self.dataset.name, "n_way": self.n_way,
+                "k_support": self.k_support, "k_query": self.k_query}
+
+
+class PerDatasetTasks:
+    """MAML+clipping tasks: one task = one dataset's few-shot set, all its classes.
+
+    ``shots`` (N=16) images per class are drawn; ``k_support`` (K=5) of each class form the
+    support set and the other ``shots - k_support`` the query set. With several datasets, each
+    task picks one dataset at random.
+    """
+
+    def __init__(self, datasets: ImageDataset | Sequence[ImageDataset], shots: int = 16, k_support: int = 5):
+        self.datasets = [datasets] if isinstance(datasets, ImageDataset) else list(datasets)
+        if not self.datasets:
+            raise DataError("PerDatasetTasks needs at least one dataset")
+        if not 1 <= k_support < shots:
+            raise DataError(f"need 1 <= k_support < shots (non-empty support and query), got K={k_support}, N={shots}")
+        self.shots, self.k_support = shots, k_support
+        for ds in self.datasets:
+            by = ds.indices_by_class()
+            if len(by) < 2:
+                raise DataError(f"{ds.name}: a task needs at least 2 classes, dataset has {len(by)}")
+            short = {ds.classnames[c]: len(i) for c, i in by.items() if len(i) < shots}
+            if short:
+                raise DataError(f"{ds.name}: classes with fewer than {shots} shots: {dict(list(short.items())[:5])}")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        d = int(torch.randint(len(self.datasets), (1,), generator=generator))
+        ds = self.datasets[d]
+        s_idx, q_idx = [], []
+        for c, idx in sorted(ds.indices_by_class().items()):
+            perm = torch.randperm(len(idx), generator=generator)[: self.shots].tolist()
+            s_idx += [idx[i] for i in perm[: self.k_support]]
+            q_idx += [idx[i] for i in perm[self.k_support :]]
+        support, query = ds.batch(s_idx), ds.batch(q_idx)
+        _check_task(support, query, len(ds.classnames))
+        return Task(support, query, {"dataset": ds.name, "classes": list(ds.classnames)})
+
+    def describe(self) -> dict:
+        return {"kind": "per-dataset", "datasets": [d.name for d in self.datasets], "shots": self.shots,
+                "k_support": self.k_support}
