@@ -371,3 +371,99 @@ def test_cfg_gram_node_drives_wrap(tmp_path):
     assert torch.equal(off.model.prompt_learner.ctx.detach(), before)
     with pytest.raises(AdapterError, match="add_gram_cfg"):
         wrap(build(CoOp, make_cfg()))
+
+
+# ---------------------------------------------------------------------------------------------
+# compat.patch_dassl on a minimal stand-in for dassl's two affected modules (CI has no Dassl;
+# tests/test_dassl_integration.py runs it on the real one)
+_FAKE_LR_SCHEDULER = '''
+from torch.optim.lr_scheduler import _LRScheduler
+
+class _BaseWarmupScheduler(_LRScheduler):
+    def __init__(self, optimizer, successor, warmup_epoch, last_epoch=-1, verbose=False):
+        self.successor = successor
+        self.warmup_epoch = warmup_epoch
+        super().__init__(optimizer, last_epoch, verbose)
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+class ConstantWarmupScheduler(_BaseWarmupScheduler):
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr, last_epoch=-1, verbose=False):
+        self.cons_lr = cons_lr
+        super().__init__(optimizer, successor, warmup_epoch, last_epoch, verbose)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+'''
+
+_FAKE_TORCHTOOLS = '''
+import torch
+
+def load_checkpoint(fpath):
+    return torch.load(fpath, map_location="cpu")
+'''
+
+
+@pytest.fixture
+def fake_dassl(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake" / "dassl"
+    (pkg / "optim").mkdir(parents=True)
+    (pkg / "utils").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "optim" / "__init__.py").write_text("")
+    (pkg / "optim" / "lr_scheduler.py").write_text(_FAKE_LR_SCHEDULER)
+    (pkg / "utils" / "__init__.py").write_text("from .torchtools import load_checkpoint\n")
+    (pkg / "utils" / "torchtools.py").write_text(_FAKE_TORCHTOOLS)
+    import sys
+
+    for name in [m for m in sys.modules if m == "dassl" or m.startswith("dassl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    import dassl.optim.lr_scheduler  # noqa: F401
+    import dassl.utils
+
+    yield dassl
+    for name in [m for m in sys.modules if m == "dassl" or m.startswith("dassl.")]:
+        del sys.modules[name]
+
+
+def test_compat_patch_fixes_warmup_and_weights_only_checkpoints(fake_dassl, tmp_path):
+    from dassl.optim.lr_scheduler import ConstantWarmupScheduler
+
+    from gram_plugin.adapters.compat import patch_dassl
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10.0)
+    with pytest.raises(TypeError):  # what users hit today on torch >= 2.6
+        ConstantWarmupScheduler(opt, cosine, 1, 1e-5)
+    patch_dassl()
+    patch_dassl()  # idempotent
+    sched = ConstantWarmupScheduler(opt, cosine, 1, 1e-5)
+    assert opt.param_groups[0]["lr"] == 1e-5
+    opt.step()
+    sched.step()
+    state = sched.state_dict()
+    assert isinstance(state["successor"], dict)
+    path = tmp_path / "ck.pth"
+    torch.save({"scheduler": state, "epoch": 1}, path)
+    from dassl.utils import load_checkpoint
+
+    loaded = load_checkpoint(str(path))  # weights_only=True
+    fresh_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    fresh = ConstantWarmupScheduler(fresh_opt, torch.optim.lr_scheduler.CosineAnnealingLR(fresh_opt, 10.0), 1, 1e-5)
+    fresh.load_state_dict(loaded["scheduler"])
+    assert fresh.last_epoch == sched.last_epoch and fresh.successor.last_epoch == cosine.last_epoch
+    assert fresh.get_last_lr() == sched.get_last_lr()
+
+    old = tmp_path / "old.pth"  # a checkpoint of unpatched Dassl holds the successor object
+    torch.save({"scheduler": {"successor": cosine}}, old)
+    with pytest.raises(RuntimeError, match=r"weights_only=True .*patch_dassl\(allow_pickle=True\)"):
+        load_checkpoint(str(old))
