@@ -216,6 +216,28 @@ def test_prograd_projection_with_a_conflicting_teacher(tmp_path):
     assert conflicts >= 1, "the conflicting teacher did not produce conflicting gradients"
 
 
+def test_cocoop_prograd_projects_each_tensor_against_the_zero_shot_teacher():
+    from conftest import make_tiny_clip
+
+    trainer = build(CoCoOp, make_cfg(trainer="CoCoOp", ctx_init="a photo of a"))
+    handle = wrap(trainer, prograd=1.0)
+    zs = ZeroShotCLIP(make_tiny_clip(0), CLASSNAMES)
+    names = list(handle.params)
+    tensors = [handle.params[n] for n in names]
+    with torch.no_grad():  # move ctx away from the hand-crafted prompt so G_g is not ~0
+        tensors[0].add_(0.3 * torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(2)))
+    batch = make_batch(seed=3)
+    before = [t.detach().clone() for t in tensors]
+    logits = _cocoop_logits(trainer, batch["img"])
+    gds = torch.autograd.grad(F.cross_entropy(logits, batch["label"]), tensors, retain_graph=True)
+    kl = F.kl_div(F.log_softmax(logits, -1), F.softmax(zs(batch["img"]).detach(), -1), reduction="batchmean")
+    ggs = torch.autograd.grad(kl, tensors)
+    assert trainer.model.prompt_learner.training  # the logits were taken without leaving train mode
+    trainer.forward_backward(batch)
+    for n, t, b, gd, gg in zip(names, tensors, before, gds, ggs):
+        assert torch.allclose(t.detach(), sgd_first_step(b, project_by_hand(gd, gg)), atol=1e-7, rtol=1e-5), n
+
+
 def test_prograd_needs_a_teacher():
     with pytest.raises(AdapterError, match="CTX_INIT is empty"):
         wrap(build(CoOp, make_cfg(n_ctx=4)), prograd=1.0)
