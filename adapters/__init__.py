@@ -105,11 +105,28 @@ def _resolve_regulator(regulator, init: Optional[PromptInit]) -> Optional[Gradie
 
 
 def _renamed(init: PromptInit, params: dict, aliases: dict) -> PromptInit:
-    """Map init names that the trainer does not have through ``aliases`` (e.g. ``ctx``)."""
-    tensors = type(init.tensors)()
-    for n, t in init.tensors.items():
-        tensors[aliases[n] if n not in params and n in aliases else n] = t
-    return PromptInit(tensors, init.metadata, init.regulator_state)
+    """Map init names the trainer does not have through ``aliases`` -- e.g. the standalone
+    ``PromptedCLIP``'s ``ctx`` to CoOp's ``prompt_learner.ctx`` -- in the tensors and in the
+    regulator saved with them (its per-parameter heads are keyed by name)."""
+    mapping = {n: aliases[n] for n in init.tensors if n not in params and n in aliases}
+    if not mapping:
+        return init
+    tensors = type(init.tensors)((mapping.get(n, n), t) for n, t in init.tensors.items())
+    metadata, state = dict(init.metadata), dict(init.regulator_state)
+    config = metadata.get("regulator_config")
+    if config and "shapes" in config:
+        metadata["regulator_config"] = {**config, "shapes": {mapping.get(n, n): s for n, s in config["shapes"].items()}}
+        if not config.get("share_by_width"):
+            heads = {f"heads.{o.replace('.', '__')}.": f"heads.{m.replace('.', '__')}." for o, m in mapping.items()}
+            renamed = {}
+            for k, v in state.items():
+                for old, new in heads.items():
+                    if k.startswith(old):
+                        k = new + k[len(old):]
+                        break
+                renamed[k] = v
+            state = renamed
+    return PromptInit(tensors, metadata, state)
 
 
 def wrap(

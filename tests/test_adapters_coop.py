@@ -114,6 +114,20 @@ def test_init_alias_ctx_and_unknown_names(tmp_path):
         wrap(build(CoOp, make_cfg(n_ctx=4)), init=bad)
 
 
+def test_standalone_style_init_named_ctx_with_its_regulator(tmp_path):
+    # gram_plugin.models.PromptedCLIP names its context "ctx": its init and regulator must fit CoOp
+    trainer = build(CoOp, make_cfg(n_ctx=4))
+    reg = random_regulator({"ctx": (4, 32)}, seed=6)
+    init_ctx = 0.05 * torch.randn(4, 32, generator=torch.Generator().manual_seed(6))
+    handle = wrap(trainer, init=save_init(tmp_path, {"ctx": init_ctx}, reg))
+    assert handle.init_names == ["prompt_learner.ctx"] and handle.regulator.has_head("prompt_learner.ctx")
+    ctx = trainer.model.prompt_learner.ctx
+    batch = make_batch(seed=5)
+    (g,) = ce_grads(trainer, batch, [ctx])
+    trainer.forward_backward(batch)
+    assert torch.allclose(ctx.detach(), sgd_first_step(init_ctx, regulate_by_hand(reg, "ctx", g)), atol=1e-7, rtol=1e-5)
+
+
 def test_cocoop_regulates_ctx_and_passes_meta_net_through(tmp_path):
     trainer = build(CoCoOp, make_cfg(trainer="CoCoOp", n_ctx=4))
     adapter = adapter_for(trainer)
