@@ -9,6 +9,7 @@ offline demos and tests (no pretrained CLIP weights are needed anywhere in this 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
