@@ -1,0 +1,107 @@
+"""ProxyCLIP (MiniLM text tower + small CNN image tower): Backbone protocol, prompts, tiny build determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gram_plugin import proxy
+from gram_plugin.proxy import BuildConfig, ProxyCLIP, ProxyError, build, load_proxy
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ProxyCLIP(image_size=32, widths=(8, 16, 16, 16)).eval()
+
+
+def test_protocol_shapes(model):
+    ids = model.tokenize(["X X X X dog.", "a photo of a cat."])
+    assert ids.dtype == torch.long and ids.shape == (2, proxy.TEXT_LENGTH)
+    emb = model.embed_tokens(ids)
+    assert emb.shape == (2, proxy.TEXT_LENGTH, model.ctx_dim)
+    feats = model.encode_text_embeddings(emb, ids)
+    assert feats.shape == (2, model.embed_dim)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
+    img = model.encode_image(torch.randn(3, 3, 32, 32))
+    assert img.shape == (3, model.embed_dim)
+    assert model.vision_width is None
+    assert isinstance(model.weights_id(), str) and model.name
+    assert torch.is_tensor(model.logit_scale)
+    from PIL import Image
+
+    x = model.preprocess(Image.new("RGB", (50, 40), (120, 30, 200)))
+    assert x.shape == (3, 32, 32)
+
+
+def test_placeholder_tokens_follow_start_token(model):
+    ids = model.tokenize(["X X X X sea lion."])[0]
+    toks = model.tokenizer.convert_ids_to_tokens(ids[:8].tolist())
+    assert toks[:5] == ["[CLS]", "x", "x", "x", "x"]
+    assert toks[5:8] == ["sea", "lion", "."]
+
+
+def test_text_features_equal_sentence_transformers(model):
+    """Unprompted captions give the real all-MiniLM-L6-v2 sentence embedding (independent reference)."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a photo of a dog.", "an image of a sea lion."]
+    st = SentenceTransformer(str(proxy.minilm_dir()), device="cpu")
+    ref = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    with torch.no_grad():
+        ours = model.encode_text(texts)
+    assert torch.allclose(ours, ref.cpu(), atol=1e-5)
+
+
+def test_inserted_prompts_change_features_and_get_gradients(model):
+    ids = model.tokenize(["X X X X dog.", "X X X X cat."])
+    base = model.embed_tokens(ids).detach()
+    ctx = torch.nn.Parameter(0.02 * torch.randn(4, model.ctx_dim, generator=torch.Generator().manual_seed(1)))
+    prompted = torch.cat([base[:, :1], ctx.unsqueeze(0).expand(2, -1, -1), base[:, 5:]], dim=1)
+    out = model.encode_text_embeddings(prompted, ids)
+    with torch.no_grad():
+        plain = model.encode_text_embeddings(base, ids)
+    assert (out - plain).abs().max() > 1e-3
+    out.sum().backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+    # padding positions must not matter: changing them leaves features unchanged
+    noisy = prompted.detach().clone()
+    pad = ids == model.tokenizer.pad_token_id
+    noisy[pad] += 5.0
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text_embeddings(noisy, ids), out.detach(), atol=1e-5)
+
+
+def test_bad_inputs_raise_one_clear_error(model):
+    with pytest.raises(ProxyError, match="visual prompts"):
+        model.encode_image(torch.randn(1, 3, 32, 32), visual_prompts=[torch.zeros(2, 8)])
+    with pytest.raises(ProxyError, match="N,3,H,W"):
+        model.encode_image(torch.randn(3, 32, 32))
+    with pytest.raises(ProxyError, match="list of strings"):
+        model.tokenize("a dog")
+    with pytest.raises(ProxyError, match="no built proxy"):
+        load_proxy("/nonexistent/proxy")
+
+
+def test_tiny_build_is_deterministic_and_loads(tmp_path):
+    if not (proxy.shared_data_dir() / "caltech-101.tar").exists():
+        pytest.skip("shared data not available")
+    cfg = BuildConfig(seed=3, image_size=32, widths=(8, 8, 16, 16), epochs=1, batch_size=8,
+                      use_imagenet=False, max_classes=4, max_per_class=4, eval_heldout=False)
+    a = build(cfg, tmp_path / "a", log=lambda *_: None)
+    b = build(cfg, tmp_path / "b", log=lambda *_: None)
+    card_a = json.loads((a / "card.json").read_text())
+    card_b = json.loads((b / "card.json").read_text())
+    assert card_a["weights_sha256"] == card_b["weights_sha256"]
+    assert card_a["zero_shot_top1"] == card_b["zero_shot_top1"]
+    # the split follows the CoOp rule: 4 sorted folders -> 2 base (trained) + 2 new (held out)
+    assert card_a["train_sets"][0]["classes"] == ["face", "leopard"]
+    assert card_a["eval_sets"]["caltech101/new"]["classes"] == ["motorbike", "accordion"]
+    c = build(BuildConfig(**{**cfg.__dict__, "seed": 4}), tmp_path / "c", log=lambda *_: None)
+    assert json.loads((c / "card.json").read_text())["weights_sha256"] != card_a["weights_sha256"]
+    loaded = load_proxy(a)
+    assert loaded.weights_id() == load_proxy(b).weights_id() != load_proxy(c).weights_id()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.encode_image(x), load_proxy(b).encode_image(x))
