@@ -1,0 +1,65 @@
+"""OpenCLIPBackbone: protocol, frozen weights, text path equals open_clip's own encode_text, VPT, load errors."""
+
+import pytest
+import torch
+
+from gram_plugin.backbones import Backbone, BackboneLoadError, OpenCLIPBackbone, tiny_openclip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: extra threads only add contention on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return tiny_openclip(0)
+
+
+def test_protocol_and_frozen(bb):
+    assert isinstance(bb, Backbone)
+    assert (bb.ctx_dim, bb.embed_dim, bb.vision_width, bb.vision_layers) == (32, 32, 64, 2)
+    assert all(not p.requires_grad for p in bb.parameters())
+    assert bb.weights_id() == bb.name
+
+
+def test_text_path_equals_open_clip(bb):
+    ids = bb.tokenize(["a photo of a dog.", "a cat"])
+    ours = bb.encode_text_embeddings(bb.embed_tokens(ids), ids)
+    torch.testing.assert_close(ours, bb.clip.encode_text(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_image_path_and_vpt_shapes(bb):
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(bb.encode_image(x), bb.clip.encode_image(x))
+    shallow = bb.encode_image(x, [torch.randn(5, 64)])
+    deep = bb.encode_image(x, [torch.randn(5, 64), torch.randn(5, 64)])
+    assert shallow.shape == deep.shape == (3, 32)
+    assert not torch.allclose(shallow, bb.encode_image(x))
+    with pytest.raises(ValueError, match="visual prompt layers"):
+        bb.encode_image(x, [torch.randn(5, 64)] * 3)
+
+
+def test_weights_id_follows_weights():
+    a, b, a2 = tiny_openclip(0), tiny_openclip(1), tiny_openclip(0)
+    from conftest import make_tiny_clip
+
+    m = make_tiny_clip(0)
+    id0 = OpenCLIPBackbone(m).weights_id()
+    with torch.no_grad():
+        m.ln_final.weight.add_(1.0)
+    assert OpenCLIPBackbone(m).weights_id() != id0
+    assert a.name == a2.name != b.name
+
+
+def test_local_weights_file_and_clear_errors(tmp_path):
+    with pytest.raises(BackboneLoadError, match="cannot load open_clip model"):
+        OpenCLIPBackbone("ViT-B-32", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(BackboneLoadError, match="cannot load open_clip model"):
+        OpenCLIPBackbone("no-such-model", pretrained=None)
+    with pytest.raises(TypeError):
+        OpenCLIPBackbone(42)
