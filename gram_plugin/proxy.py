@@ -10,7 +10,7 @@ Backbone protocol is used (see /tmp/brief batch conventions and gram_plugin/back
   caption gives the model's real sentence embedding (embed_dim = ctx_dim = 384).
   CoOp placeholder trick: ``"X X X X {classname}."`` is ``[CLS] x x x x <class wordpieces> . [SEP]``
   in BERT wordpiece, so the n_ctx placeholders sit right after the start token as the protocol expects.
-* image tower: a small CNN (64 px input) trained by ``build`` LiT-style against the *locked* text
+* image tower: a small CNN (32 px input by default) trained by ``build`` LiT-style against the *locked* text
   tower: each class caption set ("a photo of a {c}." and a few more templates) is embedded once,
   averaged per class, and the image tower is trained with the CLIP image->text cross-entropy
   against these fixed class embeddings (a learnable temperature).  Only the BASE classes (CoOp rule:
@@ -140,10 +140,18 @@ class ProxyCLIP(nn.Module):
         super().__init__()
         self.tokenizer, self.text = load_text_tower()
         self.visual = SmallCNN(self.embed_dim, tuple(widths))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log scale, as open_clip
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned log temperature, as open_clip
         self.image_size = int(image_size)
         self._weights_tag = weights_tag
         self.name = f"proxy-minilm-cnn{self.image_size}:{weights_tag}"
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine logits (exp of the learned log scale), as in backbones.OpenCLIPBackbone."""
+        return self.log_scale.exp()
+
+    def train(self, mode: bool = True):  # frozen towers: BatchNorm/dropout stay in eval mode during prompt tuning
+        return super().train(False)
 
     # -- protocol: text
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -190,7 +198,7 @@ class ProxyCLIP(nn.Module):
 
     def zero_shot_logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         img = F.normalize(self.encode_image(images), dim=-1)
-        return self.logit_scale.exp() * img @ text_features.t()
+        return self.logit_scale * img @ text_features.t()
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -334,9 +342,9 @@ def load_fashion_mnist(data_dir: Path, size: int) -> Split:
 @dataclass
 class BuildConfig:
     seed: int = 0
-    image_size: int = 64
+    image_size: int = 32
     widths: tuple = (16, 32, 64, 128)
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 5e-4
@@ -408,7 +416,7 @@ def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None =
     images, labels = torch.cat(images), torch.cat(labels)
     text_targets = model.class_text_features(classnames)
 
-    params = list(model.visual.parameters()) + [model.logit_scale]
+    params = list(model.visual.parameters()) + [model.log_scale]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -422,7 +430,7 @@ def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None =
             idx = perm[i:i + cfg.batch_size]
             x = _augment(images[idx], g)
             img = F.normalize(model.visual(x), dim=-1)
-            logits = model.logit_scale.clamp(max=math.log(100)).exp() * img @ text_targets.t()
+            logits = model.log_scale.clamp(max=math.log(100)).exp() * img @ text_targets.t()
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -433,14 +441,14 @@ def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None =
         history.append(round(tot / n, 4))
         log(f"[proxy] epoch {epoch + 1}/{cfg.epochs} loss {tot / n:.3f} ({time.time() - t0:.0f}s)")
     with torch.no_grad():
-        model.logit_scale.clamp_(max=math.log(100))
+        model.log_scale.clamp_(max=math.log(100))
 
     acc = {k: round(evaluate(model, s), 2) for k, s in evals.items()}
     chance = {k: round(100.0 / len(s.classnames), 2) for k, s in evals.items()}
     log("[proxy] zero-shot top-1: " + ", ".join(f"{k} {acc[k]:.1f}% (chance {chance[k]:.1f}%)" for k in acc))
 
     tensors = {f"visual.{k}": v.detach().clone().contiguous() for k, v in model.visual.state_dict().items()}
-    tensors["logit_scale"] = model.logit_scale.detach().clone().reshape(())
+    tensors["log_logit_scale"] = model.log_scale.detach().clone().reshape(())
     digest = hashlib.sha256()
     for k in sorted(tensors):
         digest.update(k.encode())
@@ -483,7 +491,7 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     visual = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
     model.visual.load_state_dict(visual, strict=True)
     with torch.no_grad():
-        model.logit_scale.copy_(tensors["logit_scale"])
+        model.log_scale.copy_(tensors["log_logit_scale" if "log_logit_scale" in tensors else "logit_scale"])
     for p in model.parameters():
         p.requires_grad_(False)
     model.card = card

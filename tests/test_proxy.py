@@ -105,3 +105,27 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
     assert loaded.weights_id() == load_proxy(b).weights_id() != load_proxy(c).weights_id()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.encode_image(x), load_proxy(b).encode_image(x))
+
+
+def test_train_mode_keeps_frozen_towers_in_eval(model):
+    model.train()
+    assert not model.training and not model.visual.training and not model.text.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), model.encode_image(x))
+
+
+def test_prompted_clip_runs_on_the_proxy(model):
+    """The project's PromptedCLIP (CoOp mode) builds its prompts on the proxy; gradients reach only the context."""
+    models = pytest.importorskip("gram_plugin.models")
+    pc = models.PromptedCLIP(model, mode="coop", n_ctx=4, ctx_init="a photo of a", classnames=["dog", "sea lion", "cat"])
+    batch = {"images": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2]), "classnames": ["dog", "sea lion", "cat"]}
+    logits = pc.logits(batch)
+    assert logits.shape == (2, 3)
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    grads = {n: p.grad for n, p in pc.named_parameters() if p.grad is not None}
+    assert grads and all("visual" not in n and "text." not in n for n in grads)
+    # "a photo of a" as init reproduces the handcrafted caption's features exactly
+    with torch.no_grad():
+        ref = model.encode_text(["a photo of a dog.", "a photo of a sea lion.", "a photo of a cat."])
+        assert torch.allclose(torch.nn.functional.normalize(pc.text_features(), dim=-1), ref, atol=1e-5)
