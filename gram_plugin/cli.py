@@ -344,12 +344,15 @@ def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
         cfg = yaml.safe_load(Path(cfg_path).read_text(encoding="utf-8")) or {}
         if not isinstance(cfg, dict):
             raise CLIError(f"config {cfg_path} must be a mapping of option: value")
-        known = set(vars(args))
-        unknown = [k for k in cfg if k.replace("-", "_") not in known]
+        subparsers = parser._subparsers._group_actions[0].choices
+        # one yaml may serve the whole pipeline: options of other sub-commands are ignored, typos are not
+        anywhere = {a.dest for sp in subparsers.values() for a in sp._actions}
+        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+        unknown = [k for k in cfg if k not in anywhere]
         if unknown:
             raise CLIError(f"config {cfg_path}: unknown options {unknown}")
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen sub-command
-        sub.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        known = set(vars(args))
+        subparsers[args.command].set_defaults(**{k: v for k, v in cfg.items() if k in known})
         args = parser.parse_args(argv)
     return args
 

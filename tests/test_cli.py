@@ -1,0 +1,64 @@
+"""CLI end to end in a temp folder: demo, meta-train -> tune -> eval -> inspect, yaml config, errors."""
+
+import json
+
+import pytest
+import torch
+
+from gram_plugin.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = ["--quiet", "--epochs", "2", "--threads", "1"]
+META = ["--meta-steps", "2", "--inner-steps", "1"]
+
+
+def test_demo_writes_metrics_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *FAST, *META]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for method in ("coop", "coop+gram"):
+        final = metrics["final"][method]
+        assert set(final) == {"base", "new", "H", "all"}
+        assert all(0.0 <= v <= 1.0 for v in final.values())
+        assert len(metrics["per_epoch"][method]) == 2
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "init.safetensors").exists() and (out / "config.yaml").exists() and (out / "log.txt").exists()
+    table = capsys.readouterr().out
+    assert "CoOp+GRAM" in table and "base" in table
+
+
+def test_meta_train_tune_eval_inspect_with_yaml(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("epochs: 2\nmeta_steps: 2\ninner_steps: 1\nquiet: true\nthreads: 1\nshots: 8\n")
+    assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "m")]) == 0
+    init = tmp_path / "m" / "init.safetensors"
+    assert main(["tune", "--config", str(cfg), "--out", str(tmp_path / "t"), "--init", str(init), "--prograd", "1"]) == 0
+    tuned = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert len(tuned["per_epoch"]) == 2 and (tmp_path / "t" / "accuracy.png").exists()
+    prompt = tmp_path / "t" / "prompt.safetensors"
+    assert main(["eval", "--config", str(cfg), "--out", str(tmp_path / "e"), "--prompt", str(prompt)]) == 0
+    ev = json.loads((tmp_path / "e" / "metrics.json").read_text())["final"]
+    # eval of the saved prompt reproduces tune's final numbers (same split, same prompt)
+    assert ev == pytest.approx(tuned["final"])
+    capsys.readouterr()
+    assert main(["inspect", str(init)]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["method"] == "gram" and described["has_regulator"] is True
+    assert described["shapes"]["ctx"] == [4, 32]
+
+
+def test_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_option: 1\n")
+    assert main(["tune", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown options" in capsys.readouterr().err
+    assert main(["tune", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nowhere"), *FAST]) == 2
+    assert "does not exist" in capsys.readouterr().err
