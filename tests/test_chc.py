@@ -204,3 +204,8 @@ def test_real_encoder_end_to_end_cli(tmp_path):
     assert chc.cli_main(argv) == 0  # second run reads the cache and gives the same hierarchy
     h2 = chc.load_hierarchy(out)
     assert [t["captions"] for t in h2["topics"]] == [t["captions"] for t in h["topics"]]
+
+
+def test_topic_names_unique_larger_topic_wins():
+    ranked = [[["dog", 1.0], ["snow", 0.5]], [["dog", 2.0], ["ball", 0.1]], [["dog", 1.0]]]
+    assert chc.unique_names(ranked, sizes=[10, 50, 5]) == ["snow", "dog", "topic2"]
