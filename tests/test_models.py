@@ -78,3 +78,12 @@ def test_meta_training_second_order_through_model(bb):
     before = m.ctx.detach().clone()
     tr.outer_step([task])
     assert not torch.equal(before, m.ctx.detach())
+
+
+def test_bf16_autocast_forward_backward(bb):
+    m = PromptedCLIP(bb, mode="unigram")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and m.ctx.grad.dtype == torch.float32 and torch.isfinite(m.ctx.grad).all()
+    assert m.vpt[0].grad is not None
