@@ -78,7 +78,8 @@ def tune(
 
     ``init``: a meta-learned init copied into the prompts first; its regulator (if any, and if
     ``use_regulator``) transforms every step's gradient. ``prograd_lambda``: ProGrad projection
-    strength against the zero-shot prompt (None = off). ``evaluate_fn()`` is called after every
+    strength against the zero-shot prompt (None = off). ``optimizer``: ``"sgd"`` (momentum 0.9,
+    as CoOp) or ``"adam"``. ``evaluate_fn()`` is called after every
     epoch and its numbers are added to the record.
     """
     from tqdm.auto import tqdm
