@@ -1,0 +1,200 @@
+"""Meta-step cost: MetaPromptTrainer vs the plain prompt-tuning steps it unrolls, and vs `higher`.
+
+Model: open_clip ViT-B-32 built without pretrained weights (text tower width 512, 12 layers,
+77-token context), CoOp context prompts (random init) over each task's class names, image side
+given as precomputed random features (the frozen image tower is not part of the meta-step).
+
+Variants, all on the same meta-batch of ``--tasks`` tasks:
+  plain   (k+1) plain prompt-tuning steps per task (k on the support, 1 on the query): forward,
+          backward, SGD step on the context; the cost the meta-step unrolls
+  meta2   MetaPromptTrainer.outer_step, second order (MAML)
+  meta1   MetaPromptTrainer.outer_step, first order (FOMAML)
+  higher2 the same second-order step written with `higher` (innerloop_ctx + differentiable SGD,
+          then backward of the adapted query loss and an Adam step)
+  gram2   meta2 with a GradientRegulator (GRAM), for reference
+
+Times: the variants run round-robin ``--repeats`` times in one process and the median is taken,
+so every ratio compares runs made side by side. Peak memory: each variant runs once in a fresh
+subprocess; the figure is the peak resident set size (Linux VmHWM, reset via
+/proc/self/clear_refs right before the step) minus the resident size before the step, with glibc
+told to serve big blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves the RSS.
+
+    python3 benchmarks/bench_meta_step.py --classes 4 --k 1 --tasks 4 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task  # noqa: E402
+
+VARIANTS = ("plain", "meta2", "meta1", "higher2", "gram2")
+
+CLASSNAMES = [
+    "airplane", "car side", "chandelier", "face", "ketch", "leopard", "motorbike", "pizza", "sunflower",
+    "watch", "golden retriever", "tabby cat", "red fox", "sports car", "coffee mug", "pineapple",
+    "violin", "lighthouse", "umbrella", "strawberry",
+]
+
+
+def build(args):
+    import logging
+
+    import open_clip
+
+    from gram_plugin.backbones import OpenCLIPBackbone
+    from gram_plugin.models import PromptedCLIP
+
+    logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights" is intended here
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32")
+    backbone = OpenCLIPBackbone(clip)
+    model = PromptedCLIP(backbone, "coop", n_ctx=args.n_ctx, ctx_init=None)
+    g = torch.Generator().manual_seed(1)
+    names = [f"{CLASSNAMES[i % len(CLASSNAMES)]} {i // len(CLASSNAMES)}".strip(" 0") for i in range(max(args.classes * 2, 20))]
+    tasks = []
+    for _ in range(args.tasks):
+        pick = torch.randperm(len(names), generator=g)[: args.classes].tolist()
+        cls = [names[i] for i in pick]
+
+        def batch(n):
+            labels = torch.arange(n) % args.classes
+            return {"features": torch.randn(n, backbone.embed_dim, generator=g), "labels": labels, "classnames": cls}
+
+        tasks.append(Task(batch(args.shots * args.classes), batch(args.shots * args.classes)))
+    return model, tasks
+
+
+def make_variant(name, model, tasks, args):
+    cfg = MetaConfig(inner_lr=0.002, inner_steps=args.k, meta_batch_size=len(tasks), progress=False,
+                     first_order=(name == "meta1"))
+    if name in ("meta2", "meta1", "gram2"):
+        reg = GradientRegulator({"ctx": tuple(model.ctx.shape)}) if name == "gram2" else None
+        trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg)
+        return lambda: trainer.outer_step(tasks)
+    if name == "plain":
+        opt = torch.optim.SGD([model.ctx], lr=0.002)
+
+        def plain():
+            for task in tasks:
+                for j in range(args.k + 1):
+                    opt.zero_grad(set_to_none=True)
+                    model.loss(task.support if j < args.k else task.query).backward()
+                    opt.step()
+
+        return plain
+    if name == "higher2":
+        import higher
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        outer = torch.optim.Adam([model.ctx], lr=1e-3)
+        inner = torch.optim.SGD([model.ctx], lr=0.002)
+
+        def higher_step():
+            outer.zero_grad(set_to_none=True)
+            with sdpa_kernel(SDPBackend.MATH):
+                for task in tasks:
+                    with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                        for _ in range(args.k):
+                            diffopt.step(F.cross_entropy(fmodel(task.support), task.support["labels"]))
+                        (F.cross_entropy(fmodel(task.query), task.query["labels"]) / len(tasks)).backward()
+            outer.step()
+
+        return higher_step
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def _status(field):
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def measure_memory(args) -> int:
+    """Run once in this (fresh) process; return peak RSS growth in bytes during one step."""
+    model, tasks = build(args)
+    fn = make_variant(args.memory_of, model, tasks, args)
+    base = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    fn()
+    return _status("VmHWM") - base
+
+
+def memory_in_subprocess(variant, argv) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", variant], env=env,
+                         capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--n-ctx", type=int, default=4)
+    p.add_argument("--k", type=int, default=1, help="inner steps")
+    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--shots", type=int, default=2, help="support and query images per class")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps({"peak_bytes": measure_memory(args)}))
+        return 0
+
+    variants = args.variants.split(",")
+    model, tasks = build(args)
+    fns = {v: make_variant(v, model, tasks, args) for v in variants}
+    for v in variants:  # warm-up: first-call allocations and lazy initialisation
+        fns[v]()
+    times = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for v in variants:
+            t0 = time.perf_counter()
+            fns[v]()
+            times[v].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants), flush=True)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads")]
+    mem = {} if args.no_memory else {v: memory_in_subprocess(v, fwd_argv) for v in variants}
+
+    print(f"\nclasses={args.classes} n_ctx={args.n_ctx} k={args.k} tasks={args.tasks} shots={args.shots} "
+          f"threads={args.threads} torch={torch.__version__}")
+    print(f"{'variant':10s} {'median s':>9s} {'peak MiB':>9s}")
+    for v in variants:
+        print(f"{v:10s} {med[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f}")
+    ratios = {}
+    if "plain" in med:
+        for v in ("meta2", "meta1", "gram2"):
+            if v in med:
+                ratios[f"{v}/plain time"] = med[v] / med["plain"]
+    if "higher2" in med and "meta2" in med:
+        ratios["higher2/meta2 time (speed-up)"] = med["higher2"] / med["meta2"]
+        if mem:
+            ratios["meta2/higher2 peak memory"] = mem["meta2"] / mem["higher2"]
+    for k, v in ratios.items():
+        print(f"{k:32s} {v:6.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "median": med,
+                                               "peak_bytes": mem, "ratios": ratios}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
