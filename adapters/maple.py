@@ -1,0 +1,25 @@
+"""MaPLe (Khattak et al., CVPR 2023; muzairkhattak/multimodal-prompt-learning ``trainers/maple.py``).
+
+Layout (``N = TRAINER.MAPLE.N_CTX``, ``D`` text width, ``W`` vision width, ``d = PROMPT_DEPTH``):
+``prompt_learner.ctx`` ``(N, D)`` (CLIP dtype), ``prompt_learner.proj`` Linear(D -> W) (coupling the
+text context to the shallow visual prompts; fp16 upstream), ``prompt_learner.compound_prompts_text.{0..d-2}``
+``(N, D)`` and ``prompt_learner.compound_prompt_projections.{0..d-2}`` Linear(D -> W) (float32 even
+under ``PREC fp16``). All of them are meta-learned and regulated: the regulator's heads act on the
+last dimension, so each projection's weight ``(W, D)`` is regulated row-wise with a width-D head.
+The whole model is registered (``register_model("MultiModalPromptLearner", self.model, ...)``);
+the trainer steps with a bare ``optim.step()`` or ``scaler.step``.
+
+No zero-shot teacher (with ``CTX_INIT`` and ``N < len(words)`` the context is only the first N
+words), so ProGrad needs ``teacher=``.
+"""
+
+from __future__ import annotations
+
+from .base import DasslAdapter, register_adapter
+from .vpt import _LogitsWhileTraining
+
+
+@register_adapter("MaPLe")
+class MaPLeAdapter(_LogitsWhileTraining, DasslAdapter):
+    prompt_pattern = r"^prompt_learner\.(ctx$|proj\.|compound_prompts_text\.\d+$|compound_prompt_projections\.\d+\.)"
+    init_aliases = {"ctx": "prompt_learner.ctx"}
