@@ -244,7 +244,8 @@ class MetaPromptTrainer:
         first: dict = {}
         with self._attention_context(not cfg.first_order):
             fast = self.adapt(self.params, task.support, _first=first)
-            query_loss = self.loss_fn(fast, task.query)
+        # The query loss is differentiated once only, so it may use the fused attention kernels.
+        query_loss = self.loss_fn(fast, task.query)
         out = {"query_loss": query_loss, "support_loss": first.get("loss")}
         if cfg.track_alignment:
             q = self.loss_fn(self.params, task.query)
