@@ -39,6 +39,7 @@ from torch import nn
 
 from .prompts import PromptInit, load_tensors, prompt_parameters, save_tensors, strip_wrapper_prefix
 from .regulator import GradientRegulator
+from .scale import checkpointed_grad
 from .tasks import Task, TaskSource
 from .transforms import clip_meta, global_norm
 
@@ -68,6 +69,9 @@ class MetaConfig:
     checkpoint_every: int = 0  # outer steps between checkpoints (0 = only at the end when run_dir is set)
     log_every: int = 1
     track_alignment: bool = False  # log cos(support grad, query grad) at theta, raw and regulated (GRAM Fig. 3b)
+    # Memory: keep no inner-step graph; the meta-backward recomputes each step (see gram_plugin.scale).
+    # Only acts in second order (first order keeps no inner graph anyway).
+    checkpoint_inner: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -220,9 +224,13 @@ class MetaPromptTrainer:
         create_graph = (not cfg.first_order) if create_graph is None else create_graph
         fast = OrderedDict(params)
         for j in range(steps):
-            loss = self.loss_fn(fast, support)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph, allow_unused=True)
-            grads = OrderedDict(zip(fast.keys(), grads))
+            if create_graph and cfg.checkpoint_inner:
+                loss, grads = checkpointed_grad(self.loss_fn, fast, support)
+                grads = OrderedDict((n, grads[n]) for n in fast)
+            else:
+                loss = self.loss_fn(fast, support)
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph, allow_unused=True)
+                grads = OrderedDict(zip(fast.keys(), grads))
             bad = [n for n, g in grads.items() if g is not None and not torch.isfinite(g).all()]
             if bad or not torch.isfinite(loss):
                 raise _NonFinite(f"inner step {j}: non-finite support loss/gradient in {bad or 'loss'}")
