@@ -38,11 +38,12 @@ def evaluate(model, dataset, batch_size: int = 128) -> float:
     if len(dataset) == 0:
         raise ValueError(f"cannot evaluate on an empty dataset {dataset.name}")
     model.set_classnames(dataset.classnames)
+    text = model.text_features()  # once for all batches
     correct = 0
     for s in range(0, len(dataset), batch_size):
         idx = list(range(s, min(s + batch_size, len(dataset))))
         batch = dataset.batch(idx)
-        correct += int((model.logits(batch).argmax(-1) == batch["labels"]).sum())
+        correct += int((model.logits(batch, text).argmax(-1) == batch["labels"]).sum())
     return correct / len(dataset)
 
 

@@ -125,19 +125,30 @@ class PromptedCLIP(nn.Module):
             return self.backbone.encode_image(batch["images"], self.visual_prompts())
         raise KeyError("batch needs 'images' or 'features'")
 
-    def logits(self, batch: dict | torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: dict | torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine logits of the batch's images against the class prompts.
+
+        ``text_features``: the result of :meth:`text_features` for the current classes, to reuse
+        across batches (text features do not depend on the images, so evaluation encodes the
+        class prompts once instead of once per batch).
+        """
         if isinstance(batch, torch.Tensor):
             batch = {"images": batch}
         if "classnames" in batch:
             self.set_classnames(list(batch["classnames"]))
         img = F.normalize(self.image_features(batch).float(), dim=-1)
-        txt = F.normalize(self.text_features().float(), dim=-1)
+        txt = F.normalize((self.text_features() if text_features is None else text_features).float(), dim=-1)
         return self.backbone.logit_scale.float() * img @ txt.t()
 
     forward = logits
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch), batch["labels"].to(torch.long))
+        logits = self.logits(batch)
+        labels = batch["labels"].to(torch.long)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+            raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but the batch has "
+                             f"{logits.shape[-1]} class names (mismatched class counts)")
+        return F.cross_entropy(logits, labels)
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> float:

@@ -67,6 +67,21 @@ def test_set_classnames_switches_tasks(bb):
         m.logits({"labels": torch.zeros(1)})
 
 
+def test_labels_beyond_the_class_names_are_one_clear_error(bb):
+    m = PromptedCLIP(bb, ctx_init=None)
+    batch = {"features": torch.randn(3, 32), "labels": torch.tensor([0, 1, 3]), "classnames": ["a", "b", "c"]}
+    with pytest.raises(ValueError, match="labels run from 0 to 3 but the batch has 3 class names"):
+        m.loss(batch)
+    batch["labels"] = torch.tensor([0, 1, 2])
+    assert torch.isfinite(m.loss(batch))
+
+
+def test_reused_text_features_give_the_same_logits(bb):
+    m = PromptedCLIP(bb, ctx_init=None, classnames=NAMES)
+    batch = _batch(images=False)
+    torch.testing.assert_close(m.logits(batch, m.text_features()), m.logits(batch), rtol=0, atol=0)
+
+
 def test_meta_training_second_order_through_model(bb):
     m = PromptedCLIP(bb, mode="coop")
     task = Task(_batch(6, images=False), _batch(6, images=False))
