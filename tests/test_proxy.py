@@ -19,9 +19,14 @@ def model():
 
 def test_protocol_shapes(model):
     ids = model.tokenize(["X X X X dog.", "a photo of a cat."])
-    assert ids.dtype == torch.long and ids.shape == (2, proxy.TEXT_LENGTH)
+    longest = len(model.tokenizer("X X X X dog.")["input_ids"])  # [CLS] x x x x dog . [SEP]
+    assert ids.dtype == torch.long and ids.shape == (2, longest) and longest <= proxy.TEXT_LENGTH
     emb = model.embed_tokens(ids)
-    assert emb.shape == (2, proxy.TEXT_LENGTH, model.ctx_dim)
+    assert emb.shape == (2, longest, model.ctx_dim)
+    # padding to the longest text of a call does not change a text's features
+    alone = model.encode_text(["a photo of a cat."])
+    padded = model.encode_text(["a photo of a cat.", "a very much longer caption of a photo of a small cat."])[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)
     feats = model.encode_text_embeddings(emb, ids)
     assert feats.shape == (2, model.embed_dim)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -129,3 +134,20 @@ def test_prompted_clip_runs_on_the_proxy(model):
     with torch.no_grad():
         ref = model.encode_text(["a photo of a dog.", "a photo of a sea lion.", "a photo of a cat."])
         assert torch.allclose(torch.nn.functional.normalize(pc.text_features(), dim=-1), ref, atol=1e-5)
+
+
+def test_shipped_proxy_is_the_default_build_and_classifies_real_images():
+    """The package ships the default build (card = BuildConfig() defaults), and its zero-shot prompt
+    classifies the embedded real Caltech images far above chance (weights really are the trained ones)."""
+    from dataclasses import asdict
+
+    from gram_plugin.data import default_dataset
+    from gram_plugin.finetune import evaluate
+    from gram_plugin.models import PromptedCLIP
+
+    shipped = load_proxy()
+    assert json.loads(json.dumps(asdict(BuildConfig()))) == shipped.card["config"]
+    assert shipped.weights_id().endswith(shipped.card["weights_sha256"][:16])
+    ds = default_dataset(shipped.preprocess)
+    acc = evaluate(PromptedCLIP(shipped, ctx_init="a photo of a"), ds)
+    assert acc > 3 * (1 / len(ds.classnames)), acc
