@@ -73,10 +73,15 @@ class Run:
 
 # -- building blocks ---------------------------------------------------------------------------------
 def build_backbone(spec: str):
-    """``tiny`` / ``tiny:SEED`` (random tiny CLIP), or ``MODEL:PRETRAINED`` (open_clip tag or weights file)."""
+    """``proxy`` / ``proxy:DIR`` (offline MiniLM + CNN proxy CLIP: the shipped build, or a built folder),
+    ``tiny`` / ``tiny:SEED`` (random tiny CLIP), or ``MODEL:PRETRAINED`` (open_clip tag or weights file)."""
     from .backbones import OpenCLIPBackbone, tiny_openclip
 
     kind, _, rest = spec.partition(":")
+    if kind == "proxy":
+        from .proxy import load_proxy
+
+        return load_proxy(rest or None)
     if kind == "tiny":
         return tiny_openclip(int(rest) if rest else 0)
     return OpenCLIPBackbone(kind, pretrained=rest or None)
@@ -273,7 +278,9 @@ def _dispatch(module: str, argv: list[str]) -> int:
 def _common(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--config", help="yaml file with option values (command-line flags win)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--backbone", default="tiny", help="tiny[:SEED] or open_clip MODEL:PRETRAINED (tag or weights file)")
+    p.add_argument("--backbone", default="proxy",
+                   help="proxy[:DIR] (offline pretrained-text proxy CLIP, the default), tiny[:SEED] (random tiny "
+                        "CLIP), or open_clip MODEL:PRETRAINED (tag or local weights file)")
     p.add_argument("--data", default="default", help="default | caltech101:ROOT | imagenet:ROOT | folder:ROOT")
     p.add_argument("--mode", default="coop", choices=["coop", "vpt", "unigram"])
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4)

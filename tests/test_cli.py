@@ -16,7 +16,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-FAST = ["--quiet", "--epochs", "2", "--threads", "1"]
+FAST = ["--quiet", "--epochs", "2", "--threads", "1", "--backbone", "tiny"]
 META = ["--meta-steps", "2", "--inner-steps", "1"]
 
 
@@ -37,7 +37,7 @@ def test_demo_writes_metrics_and_plot(tmp_path, capsys):
 
 def test_meta_train_tune_eval_inspect_with_yaml(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("epochs: 2\nmeta_steps: 2\ninner_steps: 1\nquiet: true\nthreads: 1\nshots: 8\n")
+    cfg.write_text("backbone: tiny\nepochs: 2\nmeta_steps: 2\ninner_steps: 1\nquiet: true\nthreads: 1\nshots: 8\n")
     assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "m")]) == 0
     init = tmp_path / "m" / "init.safetensors"
     assert main(["tune", "--config", str(cfg), "--out", str(tmp_path / "t"), "--init", str(init), "--prograd", "1"]) == 0
@@ -60,5 +60,7 @@ def test_clear_errors(tmp_path, capsys):
     bad.write_text("no_such_option: 1\n")
     assert main(["tune", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown options" in capsys.readouterr().err
+    assert main(["tune", "--out", str(tmp_path / "z"), "--backbone", f"proxy:{tmp_path / 'no-proxy'}", *FAST[:-2]]) == 2
+    assert "no built proxy" in capsys.readouterr().err
     assert main(["tune", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nowhere"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err
