@@ -1,0 +1,323 @@
+"""The seeds' evaluation protocols, at small scale, on real images with the offline proxy CLIP.
+
+    python benchmarks/protocols.py --out /tmp/protocols --report benchmarks/RESULTS.md
+        [--proxy DIR] [--seeds 1 2 3] [--shots 4 16] [--quick]
+
+Backbone: ``gram_plugin.proxy`` (pretrained all-MiniLM-L6-v2 text tower, frozen; small CNN image
+tower trained on the BASE classes of Caltech101 and ImageNet-mini only). Image features are
+computed once (the image tower is frozen and only text prompts are learned).
+
+Protocols (what each seed's paper reports, scaled down):
+
+1. base-to-new (CoOp rule: sorted classes, first half base): tune on K shots of the base classes,
+   test on held-out base images and on the new classes. Targets: Caltech101 (new classes never
+   seen by the image tower), ImageNet-mini (ditto), Fashion-MNIST (a dataset the proxy never saw).
+2. cross-dataset: prompts tuned on Caltech101 base (largest shot count), evaluated zero-shot on
+   Fashion-MNIST, ants-vs-bees (hymenoptera) and ImageNet-mini's new classes.
+3. shots: every K in ``--shots`` (capped by what a class has: ImageNet-mini has 10 train images).
+
+Tuning uses Adam by default (CoOp uses SGD for 200 epochs; a few epochs on this CPU need an adaptive step).
+Methods: zero-shot handcrafted prompt "a photo of a {}."; CoOp (ctx initialised from the same
+phrase); CoOp + meta-init (MAML + meta-gradient clipping, no regulator); CoOp + GRAM (meta-init +
+regulator, the regulator also shapes every tuning step); CoOp + ProGrad (lambda 1).
+Meta-training tasks: N-way K-shot tasks drawn from Caltech101 base-class training images (labelled
+tasks; GRAM's CHC tasks need captioned *images*, and Flickr8k images are not available here).
+UNIGRAM is not run: the proxy's CNN image tower has no tokens to prompt.
+
+Writes ``results.json``, ``accuracy_per_epoch.png``, ``alignment.png`` into ``--out`` and the
+markdown tables (mean +- std over seeds) into ``--report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer
+from gram_plugin.data import ImageDataset, Item, NWayKShotTasks, few_shot
+from gram_plugin.finetune import evaluate, evaluate_base_new, tune
+from gram_plugin.models import PromptedCLIP
+from gram_plugin.proxy import (base_new, load_caltech, load_fashion_mnist, load_hymenoptera, load_imagenet_mini,
+                               load_proxy, shared_data_dir)
+
+METHODS = ("zero-shot", "CoOp", "CoOp+MAML-clip", "CoOp+GRAM", "CoOp+ProGrad")
+CTX_INIT = "a photo of a"
+
+
+# -- data -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def featurize(model, split, name=None) -> ImageDataset:
+    """An ImageDataset whose batches carry the frozen image tower's features of ``split``."""
+    feats = torch.cat([model.encode_image(split.images[i:i + 512]) for i in range(0, len(split.labels), 512)])
+    items = [Item(f"{split.name}#{i}", int(y)) for i, y in enumerate(split.labels)]
+    return ImageDataset(items, split.classnames, name=name or split.name).with_features(feats)
+
+
+def select(split, labels, name):
+    """The images of ``labels`` (relabelled 0..len-1 in that order) from a Split."""
+    from gram_plugin.proxy import Split
+
+    keep = torch.isin(split.labels, torch.tensor(labels))
+    remap = {y: i for i, y in enumerate(labels)}
+    return Split(name, [split.classnames[y] for y in labels], split.images[keep],
+                 torch.tensor([remap[int(y)] for y in split.labels[keep]]))
+
+
+def load_data(model, data_dir: Path) -> dict:
+    card = model.card["config"]
+    size, seed = card["image_size"], card["seed"]
+    cal_tr, cal_te, cal_new, _ = load_caltech(data_dir, size, seed)  # the proxy's own split
+    in_tr, in_va, in_new, _ = load_imagenet_mini(data_dir, size)
+    fm_tr, fm_te = load_fashion_mnist(data_dir, size, "train"), load_fashion_mnist(data_dir, size, "test")
+    b, n = base_new(fm_tr.classnames)  # label order is the dataset's (CoOp sorts by label)
+    f = lambda s, name: featurize(model, s, name)  # noqa: E731
+    return {
+        "caltech101": {"base_train": f(cal_tr, "caltech101/base/train"), "base_test": f(cal_te, "caltech101/base/test"),
+                       "new_test": f(cal_new, "caltech101/new/test")},
+        "imagenet-mini": {"base_train": f(in_tr, "imagenet-mini/base/train"),
+                          "base_test": f(in_va, "imagenet-mini/base/val"), "new_test": f(in_new, "imagenet-mini/new")},
+        "fashion-mnist": {"base_train": f(select(fm_tr, b, "fmnist/base/train"), None),
+                          "base_test": f(select(fm_te, b, "fmnist/base/test"), None),
+                          "new_test": f(select(fm_te, n, "fmnist/new/test"), None)},
+        "cross": {"fashion-mnist": f(fm_te, "fashion-mnist/test"),
+                  "hymenoptera": f(load_hymenoptera(data_dir, size), None),
+                  "imagenet-mini/new": f(in_new, "imagenet-mini/new")},
+    }
+
+
+# -- methods ----------------------------------------------------------------------------------------
+def new_model(backbone, seed):
+    return PromptedCLIP(backbone, mode="coop", n_ctx=len(CTX_INIT.split()), ctx_init=CTX_INIT, seed=seed)
+
+
+def meta_train(backbone, source, args, seed, regulator: bool):
+    model = new_model(backbone, seed)
+    cfg = MetaConfig(inner_lr=args.inner_lr, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
+                     regulator_lr=args.outer_lr, meta_batch_size=args.meta_batch, steps=args.meta_steps,
+                     clip_gamma=5.0, seed=seed, track_alignment=regulator, first_order=args.first_order,
+                     progress=not args.quiet)
+    reg = GradientRegulator.for_module(model) if regulator else None
+    trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg, metadata=model.config())
+    t0 = time.perf_counter()
+    init = trainer.fit(source)
+    return init, trainer.history, time.perf_counter() - t0
+
+
+def run_method(method, backbone, data, shots, seed, inits, args, curves=False):
+    """Tune one method on one target; the final model, per-epoch base/new/H (when ``curves``), final numbers."""
+    model = new_model(backbone, seed)
+    if method == "zero-shot":
+        return model, [], evaluate_base_new(model, data["base_test"], data["new_test"])
+    train = data["base_train"]
+    per_class = min(len(ix) for ix in train.indices_by_class().values())
+    train = few_shot(train, min(shots, per_class), seed)
+    init = {"CoOp+MAML-clip": inits.get("maml"), "CoOp+GRAM": inits.get("gram")}.get(method)
+    hist = tune(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, init=init,
+                use_regulator=True, prograd_lambda=1.0 if method == "CoOp+ProGrad" else None, seed=seed,
+                evaluate_fn=(lambda: evaluate_base_new(model, data["base_test"], data["new_test"])) if curves else None,
+                progress=False, optimizer=args.optimizer)
+    return model, hist, evaluate_base_new(model, data["base_test"], data["new_test"])
+
+
+# -- report -----------------------------------------------------------------------------------------
+def mean_std(xs):
+    xs = [100 * x for x in xs]
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs):
+    m, s = mean_std(xs)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def report(results, args, seconds) -> str:
+    lines = ["# Small-scale protocol results (offline proxy CLIP, real images)", "",
+             "Produced by", "", f"    {args.command_line}", "",
+             f"Seeds {args.seeds}; accuracy % (mean ± std over seeds); {seconds / 60:.1f} min on the "
+             "2-core CPU. Backbone: the proxy described in benchmarks/PROXY.md "
+             f"(`{results['proxy']['name']}`). Tuning: {args.optimizer} lr {args.lr}, {args.epochs} epochs, "
+             f"batch {args.batch_size}; meta-training: {args.meta_steps} outer steps x {args.meta_batch} tasks "
+             f"({args.n_way}-way, {args.k_support} support + {args.k_query} query shots per class, from Caltech101 "
+             f"base training images), {args.inner_steps} inner steps at lr {args.inner_lr}, outer Adam lr "
+             f"{args.outer_lr}, meta-gradient clipping gamma 5"
+             + (", first-order meta-gradients (the regulator still learns through R(g))." if args.first_order else
+                ", second-order meta-gradients."), ""]
+    for target in args.targets:
+        for shots in args.shots:
+            rows = results["base2new"].get(target, {}).get(str(shots))
+            if not rows:
+                continue
+            eff = rows["effective_shots"]
+            lines += [f"## Base-to-new: {target}, {shots} shots" + (f" (capped at {eff})" if eff != shots else ""), "",
+                      "| method | base | new | H |", "|---|---|---|---|"]
+            for m in METHODS:
+                r = rows["final"][m]
+                lines.append(f"| {m} | {fmt(r['base'])} | {fmt(r['new'])} | {fmt(r['H'])} |")
+            lines.append("")
+    cross = results["cross"]
+    lines += [f"## Cross-dataset: tuned on {cross['source']} base ({cross['shots']} shots), zero-shot elsewhere", "",
+              "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
+    for m in METHODS:
+        lines.append(f"| {m} | " + " | ".join(fmt(cross["acc"][m][t]) for t in cross["targets"]) + " |")
+    lines += ["", "Chance: " + ", ".join(f"{k} {v:.1f}" for k, v in results["chance"].items()) + ".", ""]
+    al = results["alignment"]
+    if al:
+        lines += ["## Gradient alignment during GRAM meta-training (GRAM Fig. 3b)", "",
+                  "cos(support gradient, query gradient) at the current init, raw vs after the regulator, "
+                  "mean over the first / last 10 outer steps and seeds:", "",
+                  "| | first 10 steps | last 10 steps |", "|---|---|---|",
+                  f"| raw | {al['raw_first']:.3f} | {al['raw_last']:.3f} |",
+                  f"| regulated | {al['reg_first']:.3f} | {al['reg_last']:.3f} |", "",
+                  "Plots: `accuracy_per_epoch.png`, `alignment.png` (in the output folder and benchmarks/).", ""]
+    return "\n".join(lines)
+
+
+def plots(results, out: Path, shots) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = "caltech101" if "caltech101" in results["base2new"] else next(iter(results["base2new"]))
+    curves = results["base2new"][target][str(shots)]["per_epoch"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, key in zip(axes, ("base", "new")):
+        for m, runs in curves.items():
+            ys = [100 * statistics.mean(r[e][key] for r in runs) for e in range(len(runs[0]))]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=m)
+        ax.set_title(f"{target} {key} classes ({shots} shots)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_epoch.png", dpi=100)
+    plt.close(fig)
+    hist = results["alignment_history"]
+    if hist:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("align_raw", "raw gradient"), ("align_regulated", "regulated gradient")):
+            ys = [statistics.mean(h[i][key] for h in hist) for i in range(len(hist[0]))]
+            ax.plot(range(1, len(ys) + 1), ys, label=label)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("cos(support grad, query grad)")
+        ax.set_title("GRAM meta-training: support/query gradient alignment")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "alignment.png", dpi=100)
+        plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report", type=Path, default=None, help="markdown file for the tables")
+    p.add_argument("--proxy", type=Path, default=None, help="built proxy folder (default: the default build)")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--meta-steps", type=int, default=50)
+    p.add_argument("--meta-batch", type=int, default=2)
+    p.add_argument("--n-way", type=int, default=5)
+    p.add_argument("--k-support", type=int, default=4)
+    p.add_argument("--k-query", type=int, default=8)
+    p.add_argument("--inner-steps", type=int, default=2)
+    p.add_argument("--inner-lr", type=float, default=0.05)
+    p.add_argument("--outer-lr", type=float, default=0.01)
+    p.add_argument("--targets", nargs="+", default=["caltech101", "imagenet-mini", "fashion-mnist"],
+                   choices=["caltech101", "imagenet-mini", "fashion-mnist"])
+    p.add_argument("--cross-source", default="caltech101", help="target whose tuned prompts are evaluated cross-dataset")
+    p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (the regulator still learns)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 seed, 4 shots, 2 epochs, 2 meta steps, Fashion-MNIST only")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.command_line = "python benchmarks/protocols.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.seeds, args.shots, args.epochs, args.meta_steps = args.seeds[:1], [4], 2, 2
+        args.targets, args.cross_source, args.n_way = ["fashion-mnist"], "fashion-mnist", 3
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    backbone = load_proxy(args.proxy)
+    data = load_data(backbone, Path(args.data or shared_data_dir()))
+    print(f"[protocols] data ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    source = NWayKShotTasks(data["caltech101"]["base_train"], args.n_way, args.k_support, args.k_query)
+    results = {"proxy": {"name": backbone.name, "card": backbone.card.get("zero_shot_top1")},
+               "base2new": {}, "alignment_history": [], "meta_seconds": {}}
+    cross_shots = max(args.shots)
+    cross_acc = {m: {t: [] for t in data["cross"]} for m in METHODS}
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        inits = {}
+        for key, reg in (("maml", False), ("gram", True)):
+            init, hist, secs = meta_train(backbone, source, args, seed, reg)
+            inits[key] = init
+            results["meta_seconds"].setdefault(key, []).append(secs)
+            if reg:
+                results["alignment_history"].append([{k: h[k] for k in ("align_raw", "align_regulated")} for h in hist])
+            print(f"[protocols] seed {seed} meta-train {key}: {secs:.0f}s, meta loss "
+                  f"{hist[0]['meta_loss']:.3f} -> {hist[-1]['meta_loss']:.3f}", flush=True)
+        for target in args.targets:
+            for shots in args.shots:
+                slot = results["base2new"].setdefault(target, {}).setdefault(str(shots), {
+                    "final": {m: {"base": [], "new": [], "H": []} for m in METHODS},
+                    "per_epoch": {m: [] for m in METHODS if m != "zero-shot"}})
+                per_class = min(len(ix) for ix in data[target]["base_train"].indices_by_class().values())
+                slot["effective_shots"] = min(shots, per_class)
+                for m in METHODS:
+                    t1 = time.perf_counter()
+                    curves = target == args.cross_source and shots == cross_shots  # the plotted setting
+                    model, hist, final = run_method(m, backbone, data[target], shots, seed, inits, args, curves)
+                    for k in ("base", "new", "H"):
+                        slot["final"][m][k].append(final[k])
+                    if hist:
+                        slot["per_epoch"][m].append([{k: r[k] for k in ("base", "new", "H")} for r in hist])
+                    if target == args.cross_source and shots == cross_shots:
+                        for t, ds in data["cross"].items():
+                            cross_acc[m][t].append(evaluate(model, ds))
+                    print(f"[protocols] seed {seed} {target} {shots}-shot {m:<15} base {100 * final['base']:.1f} "
+                          f"new {100 * final['new']:.1f} H {100 * final['H']:.1f} ({time.perf_counter() - t1:.0f}s)",
+                          flush=True)
+    results["cross"] = {"source": args.cross_source, "shots": cross_shots, "targets": list(data["cross"]),
+                        "acc": cross_acc}
+    results["chance"] = {f"{t} base/new": 100 / len(d["base_test"].classnames)
+                         for t, d in data.items() if t != "cross"}
+    results["chance"].update({t: 100 / len(ds.classnames) for t, ds in data["cross"].items()})
+    hist = results["alignment_history"]
+    if hist and all("align_raw" in h[0] for h in hist):
+        n = min(10, len(hist[0]))
+        avg = lambda key, sl: statistics.mean(r[key] for h in hist for r in h[sl])  # noqa: E731
+        results["alignment"] = {"raw_first": avg("align_raw", slice(0, n)), "raw_last": avg("align_raw", slice(-n, None)),
+                                "reg_first": avg("align_regulated", slice(0, n)),
+                                "reg_last": avg("align_regulated", slice(-n, None))}
+    else:
+        results["alignment"] = {}
+    seconds = time.perf_counter() - t0
+    results["seconds"] = seconds
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plots(results, args.out, cross_shots)
+    text = report(results, args, seconds)
+    (args.out / "RESULTS.md").write_text(text)
+    if args.report:
+        args.report.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
