@@ -185,7 +185,7 @@ def plots(results, out: Path, shots) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    target = "caltech101" if "caltech101" in results["base2new"] else next(iter(results["base2new"]))
+    target = results["cross"]["source"]  # the setting tuned with per-epoch evaluation
     curves = results["base2new"][target][str(shots)]["per_epoch"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, key in zip(axes, ("base", "new")):
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                     model, hist, final = run_method(m, backbone, data[target], shots, seed, inits, args, curves)
                     for k in ("base", "new", "H"):
                         slot["final"][m][k].append(final[k])
-                    if hist:
+                    if curves and hist:
                         slot["per_epoch"][m].append([{k: r[k] for k in ("base", "new", "H")} for r in hist])
                     if target == args.cross_source and shots == cross_shots:
                         for t, ds in data["cross"].items():
