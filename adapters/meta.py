@@ -46,6 +46,7 @@ from gram_plugin.prompts import PromptInit
 from gram_plugin.regulator import GradientRegulator
 
 from .base import AdapterError, DasslAdapter, adapter_for
+from .promptsrc import encoder_dtype
 
 __all__ = ["meta_train", "ClassBuffers", "method_loss", "method_name"]
 
@@ -196,6 +197,11 @@ class ClassBuffers:
         self._apply(self._original)
 
 
+def _inputs_to_own_dtype(module, args):
+    dtype = encoder_dtype(module)
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def method_loss(adapter: DasslAdapter) -> Callable:
     """``loss(model, images, labels)``: the loss the trainer optimises, on an unwrapped CustomCLIP."""
     family = _family(adapter)
@@ -221,10 +227,16 @@ def method_loss(adapter: DasslAdapter) -> Callable:
         pl = model.prompt_learner
         was = pl.training
         pl.training = True
+        # Upstream builds the frozen zero-shot encoder in fp16 whatever PREC says and feeds it
+        # ``image.type(self.dtype)``: on a float32 trainer that is fp32 images into an fp16 conv, so
+        # upstream's own forward fails under PREC fp32. Feed the teacher in its own dtype (its
+        # features then meet ``fixed_embeddings.half()`` as upstream expects); a no-op under fp16.
+        cast = pl.ZS_image_encoder.register_forward_pre_hook(_inputs_to_own_dtype)
         try:
             ce, text_f, fixed, zs_image, image_f, zs_logits, logits = model(images, labels)
         finally:
             pl.training = was
+            cast.remove()
         l_text = F.l1_loss(text_f, fixed.to(text_f.dtype)) * float(node.TEXT_LOSS_WEIGHT)
         l_image = F.l1_loss(image_f, zs_image.to(image_f.dtype)) * float(node.IMAGE_LOSS_WEIGHT)
         l_logits = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zs_logits.to(logits.dtype), 1), reduction="sum", log_target=True) / logits.numel()

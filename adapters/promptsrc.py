@@ -31,6 +31,15 @@ from .vpt import TEXT_DEEP_PROMPTS, VISUAL_PROMPTS, _LogitsWhileTraining, layer_
 IVLP_PROMPTS = r"^prompt_learner\.ctx$|" + VISUAL_PROMPTS + "|" + TEXT_DEEP_PROMPTS
 
 
+def encoder_dtype(encoder) -> torch.dtype:
+    """The dtype a CLIP image encoder computes in: its patch embedding's (``conv1``), as CLIP's own
+    ``dtype`` property reads it (``convert_weights`` leaves embeddings and LayerNorms float32)."""
+    conv = getattr(encoder, "conv1", None)
+    if conv is not None and getattr(conv, "weight", None) is not None:
+        return conv.weight.dtype
+    return next(encoder.parameters()).dtype
+
+
 @register_adapter("IVLP")
 class IVLPAdapter(_LogitsWhileTraining, DasslAdapter):
     prompt_pattern = IVLP_PROMPTS
@@ -59,7 +68,8 @@ class PromptSRCAdapter(IVLPAdapter):
     def zero_shot_logits(self, images):
         model = self.model
         pl = model.prompt_learner
-        f = pl.ZS_image_encoder(images.type(model.dtype)).float()
+        # in the encoder's own dtype: upstream keeps it fp16 even when the trainer runs fp32
+        f = pl.ZS_image_encoder(images.type(encoder_dtype(pl.ZS_image_encoder))).float()
         f = f / f.norm(dim=-1, keepdim=True)
         t = pl.fixed_embeddings.to(f.device).float()
         t = t / t.norm(dim=-1, keepdim=True)
