@@ -7,8 +7,11 @@ changes, and why:
 
 * ``load_clip_to_cpu`` builds a tiny random CLIP with the repository's own ``clip.model.CLIP`` and
   ``convert_weights`` (fp16, as the real loader returns) and the trainer's own ``design_details``
-  (no pretrained weights exist offline). MaPLe hard-codes widths 512 (text) and 768 (vision), so its
-  tiny CLIP has those widths.
+  (no pretrained weights exist offline). Every call gets the same random "pretrained" weights
+  (loaded like ``clip.build_model`` does, prompt tokens keep their own init), as the real loader
+  reads one checkpoint: PromptSRC's prompted and zero-shot CLIPs must share their weights. MaPLe
+  hard-codes widths 512 (text) and 768 (vision), so its tiny CLIP has those widths; because fp16
+  matmuls are ~100x slower than fp32 on CPU, MaPLe reads an 8-class Caltech101 (4 base classes).
 * ``Tensor.cuda`` / ``Module.cuda`` are no-ops while the fixtures are active: VPT and PromptSRC call
   ``.cuda()`` unconditionally in their forward / prompt learner.
 * ``PREC fp16`` (all upstream configs use it; MaPLe and PromptSRC do not run under fp32 as written:
@@ -62,7 +65,10 @@ _SHADOWED = ("trainers", "clip", "datasets", "up_train")
 
 
 def _design(method, cfg, zero_shot):
+    """The repo's design_details for the prompted CLIP (or, ``zero_shot``, the prompt-free one)."""
     t = cfg.TRAINER
+    if zero_shot and method != "MaPLe":
+        return {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
     if method == "VPT":
         return {"trainer": "VPT", "vision_depth": t.VPT.PROMPT_DEPTH_VISION, "vision_ctx": t.VPT.N_CTX_VISION,
                 "language_depth": 0, "language_ctx": 0}
@@ -70,8 +76,6 @@ def _design(method, cfg, zero_shot):
         return {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
                 "maple_length": t.MAPLE.N_CTX}
     node = t.IVLP if method == "IVLP" else t.PROMPTSRC
-    if zero_shot:
-        return {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
     return {"trainer": "IVLP", "vision_depth": node.PROMPT_DEPTH_VISION, "language_depth": node.PROMPT_DEPTH_TEXT,
             "vision_ctx": node.N_CTX_VISION, "language_ctx": node.N_CTX_TEXT}
 
@@ -102,13 +106,20 @@ def upstream(request, monkeypatch):
         mod = importlib.import_module(module_name)
         import clip.model as cm
 
+        # widths 512 (text) / 768 (vision) are hard-coded in MaPLe's prompt learner
+        dims = (32, 32, 2, 768, 8, 77, 49408, 512, 8, 2) if method == "MaPLe" else (32, 32, 2, 64, 8, 77, 49408, 32, 2, 2)
+
         def tiny_clip(cfg, zero_shot_model=False):
+            # One set of "pretrained" weights whatever the design, as the real loader reads one
+            # checkpoint: PromptSRC builds its token buffers with the prompted CLIP and its fixed
+            # embeddings / zero-shot encoder with a prompt-free one, and they must agree. Like
+            # clip.build_model, the prompt tokens the checkpoint lacks keep their own random init.
             torch.manual_seed(0)
-            dd = _design(method, cfg, zero_shot_model)
-            if method == "MaPLe":  # widths 512 / 768 are hard-coded in MaPLe's prompt learner
-                model = cm.CLIP(32, 32, 2, 768, 8, 77, 49408, 512, 8, 2, dd)
-            else:
-                model = cm.CLIP(32, 32, 2, 64, 8, 77, 49408, 32, 2, 2, dd)
+            weights = cm.CLIP(*dims, _design(method, cfg, True)).state_dict()
+            torch.manual_seed(0)
+            model = cm.CLIP(*dims, _design(method, cfg, zero_shot_model))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            assert not unexpected and all(k.rsplit(".", 1)[-1] in ("VPT", "VPT_shallow") for k in missing), (missing, unexpected)
             cm.convert_weights(model)
             return model.eval()
 
@@ -124,12 +135,43 @@ def upstream(request, monkeypatch):
             r._obj_map.update(saved_maps[id(r)])
 
 
-@pytest.fixture(scope="module")
-def data_root(caltech_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mpl_data")
+# MaPLe's text tower must be 512 wide (its compound prompts are hard-coded to 512) and fp16 matmuls
+# run ~100x slower than fp32 on CPU, so a step over all 50 base classes' prompts takes minutes (the
+# MaPLe test took ~35 min on 2 shared cores). MaPLe therefore reads an 8-class Caltech101 (4 base
+# classes): the same upstream dataset code, on a folder linking only 8 class folders.
+SMALL_DATA_METHODS = {"MaPLe": 8}
+_CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # CoOp's Caltech101 drops these
+
+
+def _caltech_copy(caltech_root, tmp_path_factory, n_classes=None):
+    # CoOp writes its split files next to the images: give it a private folder linking to the cache
+    root = tmp_path_factory.mktemp("mpl_data" if n_classes is None else f"mpl_data_{n_classes}cls")
     (root / "caltech-101").mkdir()
-    (root / "caltech-101" / "101_ObjectCategories").symlink_to(caltech_root / "caltech-101" / "101_ObjectCategories")
+    images = caltech_root / "caltech-101" / "101_ObjectCategories"
+    if n_classes is None:
+        (root / "caltech-101" / "101_ObjectCategories").symlink_to(images)
+        return root
+    folder = root / "caltech-101" / "101_ObjectCategories"
+    folder.mkdir()
+    for c in sorted(c.name for c in images.iterdir() if c.is_dir() and c.name not in _CALTECH_IGNORED)[:n_classes]:
+        (folder / c).symlink_to(images / c)
     return root
+
+
+@pytest.fixture(scope="module")
+def caltech_all(caltech_root, tmp_path_factory):
+    return _caltech_copy(caltech_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def caltech_few(caltech_root, tmp_path_factory):
+    return {n: _caltech_copy(caltech_root, tmp_path_factory, n) for n in set(SMALL_DATA_METHODS.values())}
+
+
+@pytest.fixture
+def data_root(upstream, request):
+    n = SMALL_DATA_METHODS.get(upstream[0])
+    return request.getfixturevalue("caltech_all") if n is None else request.getfixturevalue("caltech_few")[n]
 
 
 def make_cfg(upstream, root, out, opts=()):
@@ -225,3 +267,4 @@ def test_regulated_step_train_loop_and_checkpoint_on_real_trainer(upstream, data
     fresh.load_model(str(tmp_path / "out"), epoch=1)
     for n, p in adapter_for(fresh).prompt_parameters().items():
         assert torch.equal(p.detach(), trained[n]), n
+
