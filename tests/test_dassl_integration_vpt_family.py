@@ -268,3 +268,47 @@ def test_regulated_step_train_loop_and_checkpoint_on_real_trainer(upstream, data
     for n, p in adapter_for(fresh).prompt_parameters().items():
         assert torch.equal(p.detach(), trained[n]), n
 
+
+@pytest.mark.parametrize("upstream", ["VPT", "IVLP", "PromptSRC"], indirect=True)
+def test_meta_train_through_real_trainer_then_wrap_an_fp16_trainer(upstream, data_root, tmp_path):
+    """adapters.meta on the upstream trainer (fp32), its class buffers rebuilt with the repo's own
+    clip.tokenize (checked against the trainer's buffers), then the init loaded by an fp16 trainer.
+    MaPLe is left out: its ``proj.half()`` does not run under fp32 (see the module docstring)."""
+    from clip import clip
+    from dassl.engine import build_trainer
+    from torchvision import transforms as T
+
+    from gram_plugin.adapters.meta import meta_train
+    from gram_plugin.data import ImageDataset, Item, NWayKShotTasks
+    from gram_plugin.meta import MetaConfig
+
+    method = upstream[0]
+    node = METHODS[method][3]
+    cfg = make_cfg(upstream, data_root, tmp_path / "meta", [f"TRAINER.{node}.PREC", "fp32", "DATASET.NUM_SHOTS", "2"])
+    trainer = build_trainer(cfg)
+    module = sys.modules[type(trainer).__module__]
+    if method == "PromptSRC":
+        # upstream builds the frozen zero-shot encoder in fp16 whatever PREC says (its own fp32 forward
+        # fails on it); meta_train runs it in that dtype, so it is left as built
+        assert trainer.model.prompt_learner.ZS_image_encoder.conv1.weight.dtype == torch.float16
+        clip_model = module.load_clip_to_cpu(cfg, True).float()
+    else:
+        clip_model = module.load_clip_to_cpu(cfg).float()
+    tf = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)])
+    ds = trainer.dm.dataset
+    tasks = NWayKShotTasks(ImageDataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames, tf), 2, 1, 1)
+    config = MetaConfig(steps=1, meta_batch_size=1, inner_steps=1, inner_lr=0.05, outer_lr=0.01, clip_gamma=5.0, progress=False)
+    init = meta_train(trainer, tasks, config, clip_model=clip_model, tokenize=clip.tokenize, regulator=True)
+    params = adapter_for(trainer).prompt_parameters()
+    assert list(init.tensors) == list(params)
+    assert any(not torch.equal(init.tensors[n], p.detach()) for n, p in params.items())
+
+    fp16 = build_trainer(make_cfg(upstream, data_root, tmp_path / "tune"))
+    handle = wrap(fp16, init=init)
+    assert sorted(handle.init_names) == sorted(params)
+    for n, p in adapter_for(fp16).prompt_parameters().items():
+        assert torch.equal(p.detach(), init.tensors[n].to(p.dtype)), n
+    batch = next(iter(fp16.train_loader_x))
+    fp16.batch_idx, fp16.num_batches = 0, len(fp16.train_loader_x) + 1
+    fp16.forward_backward(batch)
+    assert handle.hooks[0].steps == 1
