@@ -117,3 +117,32 @@ def test_meta_train_then_tune_round_trip(method, regulator, real_tasks, tmp_path
     moved = [n for n, p in adapter_for(tuned).prompt_parameters().items() if not torch.equal(p.detach(), init.tensors[n])]
     assert moved and all(torch.isfinite(p).all() for p in adapter_for(tuned).prompt_parameters().values())
     assert (len(handle.hooks) == 1) == regulator
+
+
+def test_meta_train_promptsrc_prec_fp32_with_upstreams_fp16_zero_shot_encoder(real_tasks):
+    # upstream PromptSRC builds its frozen zero-shot encoder fp16 whatever PREC says and feeds it
+    # image.type(self.dtype): under PREC fp32 its own forward fails. meta_train must run the teacher
+    # in the encoder's own dtype.
+    tasks, _ = real_tasks
+    trainer = build_any("PromptSRC", zs_prec="fp16")
+    zs = trainer.model.prompt_learner.ZS_image_encoder
+    assert trainer.model.dtype == torch.float32 and zs.conv1.weight.dtype == torch.float16
+    assert zs.class_embedding.dtype == torch.float32  # convert_weights' layout: not every tensor is fp16
+    images, labels = batch_for(len(CLASSNAMES))
+    with pytest.raises(RuntimeError, match="Input type .* and weight type .* should be the same"):
+        trainer.compute_loss(images, labels)  # the replica fails as upstream does
+
+    params = adapter_for(trainer).prompt_parameters()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    zs_before = {n: p.detach().clone() for n, p in zs.named_parameters()}
+    config = MetaConfig(steps=2, meta_batch_size=1, inner_steps=1, inner_lr=0.05, outer_lr=0.01, clip_gamma=5.0, progress=False)
+    init = meta_train(trainer, tasks, config, clip_model=make_tiny_clip(0), tokenize=tokenize)
+
+    assert list(init.tensors) == list(params)
+    assert all(torch.isfinite(t).all() for t in init.tensors.values())
+    assert any(not torch.equal(init.tensors[n], before[n]) for n in params)  # the prompts were meta-learned
+    assert all(torch.equal(p.detach(), before[n]) for n, p in params.items())  # the trainer itself untouched
+    for n, p in zs.named_parameters():  # the teacher: unchanged, still in upstream's layout, no hook left
+        assert p.dtype == zs_before[n].dtype and torch.equal(p.detach(), zs_before[n]), n
+    assert not zs._forward_pre_hooks
+    assert init.metadata["method_name"] == "MP-PromptSRC+clip"

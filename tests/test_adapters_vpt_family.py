@@ -18,7 +18,7 @@ import gram_plugin.adapters.maple  # noqa: F401  (registers the adapters)
 import gram_plugin.adapters.promptsrc  # noqa: F401
 import gram_plugin.adapters.vpt  # noqa: F401
 from conftest import make_tiny_clip
-from fixtures.dassl_vpt_family import TEMPLATES, build, make_batch, make_cfg, tokenize
+from fixtures.dassl_vpt_family import TEMPLATES, build, convert_weights, make_batch, make_cfg, tokenize
 from gram_plugin import GradientRegulator, PromptInit, PromptInitError
 from gram_plugin.adapters import AdapterError, adapter_for, wrap
 
@@ -249,6 +249,36 @@ def test_promptsrc_prograd_uses_its_own_zero_shot_teacher_then_regulates():
         if n in projected:
             assert not torch.allclose(params[n].detach(), unprojected[n], atol=1e-6, rtol=1e-4), n
     assert handle.hooks[0].steps == 1 and "general_grads" not in handle.hooks[0].context
+
+
+def test_promptsrc_teacher_with_upstreams_fp16_zero_shot_encoder_under_prec_fp32():
+    # upstream's layout: the zero-shot encoder fp16 (convert_weights) whatever PREC says; under PREC fp32
+    # the trainer's own forward feeds it fp32 images and fails, the ProGrad teacher must not
+    from fixtures.dassl_like import CLASSNAMES
+
+    trainer = build("PromptSRC", zs_prec="fp16")
+    zs = trainer.model.prompt_learner.ZS_image_encoder
+    assert trainer.model.dtype == torch.float32 and zs.conv1.weight.dtype == torch.float16
+    batch = make_batch(seed=2)
+    with pytest.raises(RuntimeError, match="Input type .* and weight type .* should be the same"):
+        trainer_loss(trainer, batch)  # the replica fails as upstream does
+    got = adapter_for(trainer).zero_shot_logits(batch["img"])
+
+    # by hand: a fresh CLIP's fp32 text features (mean over templates), its image tower converted as
+    # upstream's loader does, fed the images cast to fp16
+    clip = make_tiny_clip(0)
+    names = [c.replace("_", " ") for c in CLASSNAMES]
+    with torch.no_grad():
+        t = torch.stack([clip.encode_text(tokenize([tpl.format(n) for n in names])) for tpl in TEMPLATES], 1).mean(1)
+        visual = convert_weights(clip.visual)
+        f = visual(batch["img"].half())
+    assert f.dtype == torch.float16
+    f, t = F.normalize(f.float(), dim=-1), F.normalize(t, dim=-1)
+    expected = clip.logit_scale.exp() * f @ t.t()
+    assert got.dtype == torch.float32 and got.shape == (4, 5)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    fp32_teacher = zero_shot_reference(batch)  # the same CLIP in fp32: only fp16 rounding apart
+    assert not torch.equal(got, fp32_teacher) and torch.allclose(got, fp32_teacher, atol=1e-2, rtol=0)
 
 
 def test_promptsrc_refuses_an_unfrozen_zero_shot_encoder_and_others_need_a_teacher():
