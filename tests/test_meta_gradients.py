@@ -14,17 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task
+from fixtures.meta_problem import small_loss
 
 higher = pytest.importorskip("higher")
 
 DT = torch.float64
-
-
-def small_loss(params, batch):
-    """A small prompted model, nonlinear in both prompt tensors (so second-order terms matter)."""
-    x, y = batch
-    logits = torch.tanh(x @ params["ctx"].t()) + (x**2) @ params["vpt"].t()
-    return F.cross_entropy(logits, y)
 
 
 def make_problem(seed=0):

@@ -6,9 +6,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task
+from fixtures.meta_problem import small_loss
 from gram_plugin.scale import checkpointed_grad, chunked_rows, class_chunking
 
 DT = torch.float64
@@ -58,12 +58,6 @@ def test_chunked_rows_rejects_bad_input():
         chunked_rows(fn, torch.zeros(3, 5, dtype=DT), torch.arange(3), chunk_size=0)
     with pytest.raises(ValueError, match="rows"):
         chunked_rows(fn, torch.zeros(3, 5, dtype=DT), torch.arange(4), chunk_size=2)
-
-
-def small_loss(params, batch):
-    x, y = batch
-    logits = torch.tanh(x @ params["ctx"].t()) + (x**2) @ params["vpt"].t()
-    return F.cross_entropy(logits, y)
 
 
 def make_problem(seed=0):
