@@ -1,14 +1,17 @@
 """Cached vs uncached image features in CoOp-style meta-training (one run, prints the time ratio).
 
-    python3 benchmarks/bench_feature_cache.py [--steps 20] [--image-size 64] [--threads 1]
+    python3 benchmarks/bench_feature_cache.py [--steps 20] [--image-size 64] [--threads 1] [--repeats 3]
 
 Both runs meta-train the same PromptedCLIP (text context only) on the same N-way tasks drawn from
 the embedded real images; "uncached" loads and encodes every task's images through the frozen image
 tower, "cached" reads features computed once by FeatureCache (the one-off encoding is timed apart).
+With ``--repeats R`` the two runs alternate R times (uncached, cached, uncached, ...) and the medians
+are compared, so that the ratio is taken side by side on a machine whose load changes.
 """
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
@@ -25,9 +28,9 @@ def run(bb, dataset, steps, seed=0):
     model = PromptedCLIP(bb, mode="coop")
     trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=GradientRegulator.for_module(model),
                                 config=MetaConfig(inner_steps=2, meta_batch_size=2, steps=steps, seed=seed, progress=False))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(NWayKShotTasks(dataset, n_way=3, k_support=4, k_query=8))
-    return time.perf_counter() - t0, model.ctx.detach().clone()
+    return time.perf_counter() - t0, model.ctx.detach().clone(), time.process_time() - c0
 
 
 def main():
@@ -35,6 +38,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bb = tiny_openclip(0, image_size=args.image_size)
@@ -43,11 +47,22 @@ def main():
         t0 = time.perf_counter()
         cached = FeatureCache(d, progress=False).attach(bb, base)
         encode_s = time.perf_counter() - t0
-    uncached_s, ctx_u = run(bb, base, args.steps)
-    cached_s, ctx_c = run(bb, cached, args.steps)
-    result = {"steps": args.steps, "image_size": args.image_size, "threads": args.threads,
+    times = {"uncached": [], "cached": []}
+    cpu = {"uncached": [], "cached": []}
+    for _ in range(args.repeats):
+        uncached_s, ctx_u, uncached_cpu = run(bb, base, args.steps)
+        cached_s, ctx_c, cached_cpu = run(bb, cached, args.steps)
+        times["uncached"].append(uncached_s)
+        times["cached"].append(cached_s)
+        cpu["uncached"].append(uncached_cpu)
+        cpu["cached"].append(cached_cpu)
+    uncached_s, cached_s = statistics.median(times["uncached"]), statistics.median(times["cached"])
+    cpu_ratio = statistics.median(cpu["uncached"]) / statistics.median(cpu["cached"])
+    result = {"steps": args.steps, "image_size": args.image_size, "threads": args.threads, "repeats": args.repeats,
               "uncached_s": round(uncached_s, 2), "cached_s": round(cached_s, 2),
               "one_off_encode_s": round(encode_s, 2), "speedup": round(uncached_s / cached_s, 2),
+              "speedup_per_pair": [round(u / c, 2) for u, c in zip(times["uncached"], times["cached"])],
+              "cpu_speedup": round(cpu_ratio, 2),
               "same_result": bool(torch.allclose(ctx_u, ctx_c, atol=1e-4))}
     print(json.dumps(result))
 

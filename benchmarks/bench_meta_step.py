@@ -14,8 +14,10 @@ Variants, all on the same meta-batch of ``--tasks`` tasks:
   gram2   meta2 with a GradientRegulator (GRAM), for reference
 
 Times: the variants run round-robin ``--repeats`` times in one process and the median is taken,
-so every ratio compares runs made side by side. Peak memory: each variant runs once in a fresh
-subprocess; the figure is the peak resident set size (Linux VmHWM, reset via
+so every ratio compares runs made side by side. Both wall-clock time and the process CPU time
+(``time.process_time``) are recorded; on a shared machine whose load changes during a round, the CPU
+time of a single-threaded run (``--threads 1``) is the steadier measure of the work a variant does.
+Peak memory: each variant runs once in a fresh subprocess; the figure is the peak resident set size (Linux VmHWM, reset via
 /proc/self/clear_refs right before the step) minus the resident size before the step, with glibc
 told to serve big blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves the RSS.
 
@@ -146,7 +148,7 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--shots", type=int, default=2, help="support and query images per class")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -163,35 +165,42 @@ def main(argv=None):
     for v in variants:  # warm-up: first-call allocations and lazy initialisation
         fns[v]()
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for r in range(args.repeats):
         for v in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[v]()
             times[v].append(time.perf_counter() - t0)
-        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants), flush=True)
+            cpu[v].append(time.process_time() - c0)
+        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s)" for v in variants),
+              flush=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
+    med_cpu = {v: statistics.median(ts) for v, ts in cpu.items()}
     fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads")]
     mem = {} if args.no_memory else {v: memory_in_subprocess(v, fwd_argv) for v in variants}
 
     print(f"\nclasses={args.classes} n_ctx={args.n_ctx} k={args.k} tasks={args.tasks} shots={args.shots} "
           f"threads={args.threads} torch={torch.__version__}")
-    print(f"{'variant':10s} {'median s':>9s} {'peak MiB':>9s}")
+    print(f"{'variant':10s} {'median s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
     for v in variants:
-        print(f"{v:10s} {med[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f}")
+        print(f"{v:10s} {med[v]:9.2f} {med_cpu[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f}")
     ratios = {}
-    if "plain" in med:
-        for v in ("meta2", "meta1", "gram2"):
-            if v in med:
-                ratios[f"{v}/plain time"] = med[v] / med["plain"]
+    for tag, m in (("time", med), ("cpu time", med_cpu)):
+        if "plain" in m:
+            for v in ("meta2", "meta1", "gram2"):
+                if v in m:
+                    ratios[f"{v}/plain {tag}"] = m[v] / m["plain"]
+        if "higher2" in m and "meta2" in m:
+            ratios[f"higher2/meta2 {tag} (speed-up)"] = m["higher2"] / m["meta2"]
     if "higher2" in med and "meta2" in med:
-        ratios["higher2/meta2 time (speed-up)"] = med["higher2"] / med["meta2"]
         if mem:
             ratios["meta2/higher2 peak memory"] = mem["meta2"] / mem["higher2"]
     for k, v in ratios.items():
-        print(f"{k:32s} {v:6.3f}")
+        print(f"{k:36s} {v:6.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "median": med,
+        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "cpu": cpu, "median": med,
+                                               "median_cpu": med_cpu,
                                                "peak_bytes": mem, "ratios": ratios}, indent=1))
     return 0
 
