@@ -11,8 +11,8 @@ the one-process run up to float summation order. The script therefore has to (1)
 group, (2) build the model and the trainer identically on every rank (same seeds, same config,
 same task source), (3) write files from rank 0 only (the trainer already does for its run folder).
 
-Backend: "gloo" on CPU. On GPUs use "cpu:gloo,cuda:nccl": the prompt gradients live on the GPU
-(NCCL) while the trainer all-reduces its logged loss sums as a CPU tensor (gloo).
+Backend: "gloo" on CPU. On GPUs "cpu:gloo,cuda:nccl" (used below) or plain "nccl": the trainer
+all-reduces the prompt gradients and its logged loss sums on the prompts' device.
 
 The model here is the package's tiny random-init open_clip CLIP on the embedded Caltech images
 (image features cached once by rank 0), so the example runs anywhere in seconds; swap in

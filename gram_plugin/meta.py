@@ -355,7 +355,9 @@ class MetaPromptTrainer:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        # on the prompts' device: an NCCL-only process group cannot all-reduce CPU tensors
+        device = next(iter(self.params.values())).device
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         for k, v in zip(keys, t.tolist()):
             sums[k] = v
