@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task  # noqa: E402
 from gram_plugin.scale import class_chunking  # noqa: E402
+from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
 CONFIGS = ("plain", "chunk", "ckpt", "both")
 WORDS = ["apple", "bridge", "castle", "dolphin", "engine", "forest", "guitar", "harbor", "island", "jacket",
@@ -173,18 +173,8 @@ def timing(args):
     steps = {c: make_step(c, model, task, args, args.k) for c in args.configs}
     for c in args.configs:
         steps[c]()
-    times = {c: [] for c in args.configs}
-    cpu = {c: [] for c in args.configs}
-    for r in range(args.repeats):
-        for c in args.configs:
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[c]()
-            times[c].append(time.perf_counter() - t0)
-            cpu[c].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"{c} {times[c][-1]:.2f}s/{cpu[c][-1]:.2f}cpu" for c in args.configs),
-              flush=True)
-    med = {c: statistics.median(t) for c, t in times.items()}
-    med_cpu = {c: statistics.median(t) for c, t in cpu.items()}
+    times, cpu = interleaved({c: steps[c] for c in args.configs}, args.repeats)
+    med, med_cpu = medians(times), medians(cpu)
     print(f"\nclasses={args.classes} k={args.k} width={args.width} layers={args.layers} chunk={args.chunk} "
           f"threads={args.threads}")
     for c in args.configs:

@@ -30,10 +30,8 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task  # noqa: E402
+from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
 VARIANTS = ("plain", "meta2", "meta1", "higher2", "gram2")
 
@@ -164,18 +163,8 @@ def main(argv=None):
     fns = {v: make_variant(v, model, tasks, args) for v in variants}
     for v in variants:  # warm-up: first-call allocations and lazy initialisation
         fns[v]()
-    times = {v: [] for v in variants}
-    cpu = {v: [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[v]()
-            times[v].append(time.perf_counter() - t0)
-            cpu[v].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}s (cpu {cpu[v][-1]:.2f}s)" for v in variants),
-              flush=True)
-    med = {v: statistics.median(ts) for v, ts in times.items()}
-    med_cpu = {v: statistics.median(ts) for v, ts in cpu.items()}
+    times, cpu = interleaved(fns, args.repeats)
+    med, med_cpu = medians(times), medians(cpu)
     fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads")]
     mem = {} if args.no_memory else {v: memory_in_subprocess(v, fwd_argv) for v in variants}

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gram_plugin import MetaConfig, MetaPromptTrainer, Task  # noqa: E402
+from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
 WORDS = ["apple", "bridge", "castle", "dolphin", "engine", "forest", "guitar", "harbor", "island", "jacket",
          "kettle", "lemon", "mountain", "needle", "orchid", "parrot", "quilt", "river", "saddle", "tiger"]
@@ -138,18 +137,8 @@ def main(argv=None):
         g = run(v)
         check[v] = float((g - ref).abs().max() / ref.abs().max())
     print("max |meta-grad - loop's| / max |loop's|: " + ", ".join(f"{v} {e:.1e}" for v, e in check.items()), flush=True)
-    times = {v: [] for v in variants}
-    cpu = {v: [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            t0, c0 = time.perf_counter(), time.process_time()
-            run(v)
-            times[v].append(time.perf_counter() - t0)
-            cpu[v].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.3f}s/{cpu[v][-1]:.3f}cpu" for v in variants),
-              flush=True)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    med_cpu = {v: statistics.median(t) for v, t in cpu.items()}
+    times, cpu = interleaved({v: (lambda v=v: run(v)) for v in variants}, args.repeats, digits=3)
+    med, med_cpu = medians(times), medians(cpu)
     print(f"\nwidth={args.width} layers={args.layers} classes={args.classes} shots={args.shots} tasks={args.tasks} "
           f"k={args.k} threads={args.threads} torch={torch.__version__}")
     for v in variants:

@@ -50,6 +50,7 @@ from fixtures import dassl_like as D  # noqa: E402
 
 from gram_plugin.adapters import wrap  # noqa: E402
 from gram_plugin.regulator import GradientRegulator  # noqa: E402
+from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
 VARIANTS = ("plain", "regulated", "prograd", "prograd+reg", "prograd-1fwd", "upstream")
 
@@ -142,16 +143,8 @@ def main(argv=None):
     trainers, batch, clip = make_trainers(args, variants)
     for v in variants:  # warm-up (lazy allocations; the teacher's text features are computed once here)
         trainers[v].forward_backward(batch)
-    times = {v: [] for v in variants}
-    cpu = {v: [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainers[v].forward_backward(batch)
-            times[v].append(time.perf_counter() - t0)
-            cpu[v].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.3f}s/{cpu[v][-1]:.3f}cpu" for v in variants),
-              flush=True)
+    times, cpu = interleaved({v: (lambda t=trainers[v]: t.forward_backward(batch)) for v in variants},
+                             args.repeats, digits=3)
     check = {}
     for a, b in (("prograd-1fwd", "prograd"), ("prograd", "regulated"), ("regulated", "plain")):
         if a in trainers and b in trainers:
@@ -169,8 +162,7 @@ def main(argv=None):
             hook._pre_step(t.optim, (), {})
         hook_ms = 1000 * (time.process_time() - c0) / n
         t.model.prompt_learner.ctx.grad.copy_(saved)
-    med = {v: statistics.median(ts) for v, ts in times.items()}
-    med_cpu = {v: statistics.median(ts) for v, ts in cpu.items()}
+    med, med_cpu = medians(times), medians(cpu)
     # per-round ratios too: their median is robust to load changing between rounds
     per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["plain"])) for v in variants if v != "plain"}
     text = clip.transformer.width if hasattr(clip.transformer, "width") else None
