@@ -155,6 +155,11 @@ class CHCConfig:
     umap_neighbors: int = 15
     umap_components: int = 5
     umap_min_dist: float = 0.0
+    # UMAP's neighbour graph: "exact" = brute-force cosine k-NN by chunked matmul (all cores,
+    # deterministic, 2x faster than NN-descent on 40k captions here); "nndescent" = UMAP's own
+    # approximate search, single-threaded under a seed; "auto" = exact up to exact_knn_max points.
+    knn: str = "auto"
+    exact_knn_max: int = 100_000
     min_cluster_size: int = 100  # HDBSCAN
     min_samples: int | None = 10  # HDBSCAN (None = min_cluster_size)
     cluster_selection_method: str = "eom"  # or "leaf" (more, smaller topics)
@@ -167,7 +172,8 @@ class CHCConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("batch_size", "umap_neighbors", "umap_components", "min_cluster_size", "n_domains", "top_words"):
+        for name in ("batch_size", "umap_neighbors", "umap_components", "min_cluster_size", "n_domains", "top_words",
+                     "exact_knn_max"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
@@ -177,6 +183,8 @@ class CHCConfig:
             problems.append(f"min_cluster_size must be >= 2, got {self.min_cluster_size}")
         if self.min_samples is not None and not (isinstance(self.min_samples, int) and self.min_samples >= 1):
             problems.append(f"min_samples must be None or an integer >= 1, got {self.min_samples!r}")
+        if self.knn not in ("auto", "exact", "nndescent"):
+            problems.append(f"knn must be 'auto', 'exact' or 'nndescent', got {self.knn!r}")
         if self.noise not in ("drop", "nearest"):
             problems.append(f"noise must be 'drop' or 'nearest', got {self.noise!r}")
         if self.cluster_selection_method not in ("eom", "leaf"):
@@ -252,6 +260,24 @@ def embed_captions(
     return emb
 
 
+def exact_cosine_knn(emb: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force k nearest neighbours by cosine distance, each point its own first neighbour
+    (distance 0, as UMAP's own search returns it): (indices (n, k) int64, distances (n, k) float32)."""
+    x = torch.nn.functional.normalize(torch.as_tensor(emb, dtype=torch.float32), dim=1)
+    n = len(x)
+    indices = np.empty((n, k), dtype=np.int64)
+    dists = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, chunk):
+        sim = x[start:start + chunk] @ x.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = float("inf")  # self first even among duplicate captions
+        top, idx = sim.topk(k, dim=1)
+        top[:, 0] = 1.0
+        indices[start:start + chunk] = idx.numpy()
+        dists[start:start + chunk] = (1.0 - top).clamp_min_(0.0).numpy()
+    return indices, dists
+
+
 def reduce_umap(emb: np.ndarray, cfg: CHCConfig) -> np.ndarray:
     n = len(emb)
     if n <= cfg.umap_neighbors:
@@ -263,9 +289,14 @@ def reduce_umap(emb: np.ndarray, cfg: CHCConfig) -> np.ndarray:
         raise CHCError(f"only {n} points for a {cfg.umap_components}-d UMAP; need at least {cfg.umap_components + 2}")
     import umap
 
+    # Below 4096 points UMAP computes exact distances itself.
+    exact = cfg.knn == "exact" or (cfg.knn == "auto" and 4096 <= n <= cfg.exact_knn_max)
+    precomputed = (*exact_cosine_knn(emb, cfg.umap_neighbors), None) if exact else (None, None, None)
     with warnings.catch_warnings():
         # random_state makes UMAP single-threaded; it says so in a warning we expect.
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        # Without a search index UMAP cannot .transform() new points; we never ask it to.
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
         reducer = umap.UMAP(
             n_neighbors=cfg.umap_neighbors,
             n_components=cfg.umap_components,
@@ -274,6 +305,7 @@ def reduce_umap(emb: np.ndarray, cfg: CHCConfig) -> np.ndarray:
             random_state=cfg.seed,
             verbose=False,
             tqdm_kwds={"disable": not cfg.progress},
+            precomputed_knn=precomputed,
         )
         return reducer.fit_transform(emb).astype(np.float32)
 
@@ -656,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--umap-neighbors", type=int, default=d.umap_neighbors)
     p.add_argument("--umap-components", type=int, default=d.umap_components)
     p.add_argument("--umap-min-dist", type=float, default=d.umap_min_dist)
+    p.add_argument("--knn", choices=["auto", "exact", "nndescent"], default=d.knn,
+                   help="UMAP neighbour search (auto: exact brute force up to --exact-knn-max points)")
+    p.add_argument("--exact-knn-max", type=int, default=d.exact_knn_max)
     p.add_argument("--min-cluster-size", type=int, default=d.min_cluster_size)
     p.add_argument("--min-samples", type=int, default=d.min_samples)
     p.add_argument("--cluster-selection", dest="cluster_selection_method", choices=["eom", "leaf"], default="eom")

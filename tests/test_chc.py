@@ -209,3 +209,28 @@ def test_real_encoder_end_to_end_cli(tmp_path):
 def test_topic_names_unique_larger_topic_wins():
     ranked = [[["dog", 1.0], ["snow", 0.5]], [["dog", 2.0], ["ball", 0.1]], [["dog", 1.0]]]
     assert chc.unique_names(ranked, sizes=[10, 50, 5]) == ["snow", "dog", "topic2"]
+
+
+def test_exact_knn_matches_brute_force_with_self_first_among_duplicates():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(300, 16)).astype(np.float32)
+    x[7] = x[3]  # a duplicated caption: both rows must still list themselves first
+    idx, dist = chc.exact_cosine_knn(x, k=6, chunk=64)  # several chunks
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1.0 - xn @ xn.T
+    np.fill_diagonal(d, -1.0)
+    assert (idx[:, 0] == np.arange(300)).all() and (dist[:, 0] == 0).all()
+    assert set(idx[3, :2]) == {3, 7} and set(idx[7, :2]) == {3, 7}
+    # Rows 3 and 7 tie everywhere, so compare distances, and check each listed one is the true one.
+    np.testing.assert_allclose(dist[:, 1:], np.sort(d, axis=1)[:, 1:6], atol=1e-5)
+    np.testing.assert_allclose(dist[:, 1:], np.take_along_axis(d, idx, 1)[:, 1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("knn", ["exact", "nndescent"])
+def test_both_neighbour_searches_find_the_same_topics(knn):
+    x = _blobs(3, 40)
+    h = build_hierarchy(_captions(3, 40), embeddings=x, config=CHCConfig(**CFG, knn=knn))
+    assert h["n_topics"] == 3
+    assert sorted(t["name"] for t in h["topics"]) == ["beach", "bike", "dog"]
+    with pytest.raises(ValueError, match="knn must be"):
+        CHCConfig(knn="annoy")
