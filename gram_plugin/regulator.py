@@ -11,6 +11,17 @@ there are, and it lets one head serve prompts of any length. ``rank=r`` replaces
 U V with U: D x r, V: r x D (2 * 2 * D * r parameters). ``share_by_width=True`` uses one head for
 all prompt tensors of the same width (e.g. every VPT layer).
 
+Scale: with ``scale="absolute"`` (eq. 5-6 as written) gamma and beta see the raw gradient. Prompt
+gradients are small (~5e-3 per entry with CLIP-sized logits), so W g is negligible next to the biases:
+the head degenerates into a constant gain plus a constant drift tanh(b_b) that meta-training grows
+until it outweighs the gradient (benchmarks/RESULTS.md, "why GRAM hurts"). ``scale="relative"`` (the
+default) feeds the maps the gradient divided by its root mean square s and scales beta by s::
+
+    u = g / s,  R(g) = tanh(W_g u + b_g) * g + tanh(W_b u + b_b) * s
+
+so R(c g) = c R(g) for c > 0: the regulator reads the gradient's direction, its output scales with
+the gradient (a zero gradient stays zero, to ~1e-15), and it is unaffected by loss scaling or the logit scale.
+
 Initialisation: W = 0 (full rank) or V = 0 (low rank), b_b = 0 and b_g = atanh(init_gain), so at
 the start R(g) = init_gain * g -- plain gradient descent with a slightly smaller step -- and
 meta-training moves away from it only as far as the query loss asks.
@@ -62,11 +73,17 @@ class _Head(nn.Module):
         with torch.no_grad():
             self.gamma.bias.fill_(math.atanh(init_gain))
 
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
+    def forward(self, g: torch.Tensor, relative: bool) -> torch.Tensor:
         x = g.reshape(-1, self.width)
-        gamma = torch.tanh(self.gamma(x))
-        beta = torch.tanh(self.beta(x))
-        return (gamma * x + beta).reshape(g.shape)
+        if relative:
+            # eps keeps s > 0 and its derivative finite for an all-zero gradient
+            s = torch.sqrt(x.pow(2).mean() + 1e-30)
+            u = x / s
+        else:
+            s, u = 1.0, x
+        gamma = torch.tanh(self.gamma(u))
+        beta = torch.tanh(self.beta(u))
+        return (gamma * x + beta * s).reshape(g.shape)
 
 
 class GradientRegulator(nn.Module):
@@ -77,6 +94,8 @@ class GradientRegulator(nn.Module):
         share_by_width: one head per distinct last-dimension width instead of one per parameter.
         rank: low-rank factorisation of the linear maps (``None`` = full D x D).
         init_gain: gamma at initialisation (W = 0), in (0, 1).
+        scale: ``"relative"`` (maps read g / rms(g), beta scaled by rms(g)) or ``"absolute"`` (eq. 5-6
+            as written); see the module docstring.
         seed: seeds the random factor of low-rank heads (the full-rank init is deterministic).
     """
 
@@ -87,12 +106,15 @@ class GradientRegulator(nn.Module):
         rank: int | None = None,
         init_gain: float = 0.9,
         seed: int = 0,
+        scale: str = "relative",
     ):
         super().__init__()
         if not shapes:
             raise ValueError("GradientRegulator needs at least one prompt parameter shape")
         if not 0.0 < init_gain < 1.0:
             raise ValueError(f"init_gain must lie in (0, 1) (it is tanh of a bias), got {init_gain}")
+        if scale not in ("relative", "absolute"):
+            raise ValueError(f"scale must be 'relative' or 'absolute', got {scale!r}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.shapes = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
@@ -103,6 +125,7 @@ class GradientRegulator(nn.Module):
         self.rank = rank
         self.init_gain = init_gain
         self.seed = seed
+        self.scale = scale
         generator = torch.Generator().manual_seed(seed)
         self.heads = nn.ModuleDict()
         for name, shape in self.shapes.items():
@@ -127,6 +150,7 @@ class GradientRegulator(nn.Module):
             "rank": self.rank,
             "init_gain": self.init_gain,
             "seed": self.seed,
+            "scale": self.scale,
         }
 
     @classmethod
@@ -139,6 +163,8 @@ class GradientRegulator(nn.Module):
             rank=config.get("rank"),
             init_gain=float(config.get("init_gain", 0.9)),
             seed=int(config.get("seed", 0)),
+            # files written before the option existed hold absolute-scale heads
+            scale=str(config.get("scale", "absolute")),
         )
 
     def has_head(self, name: str) -> bool:
@@ -153,7 +179,7 @@ class GradientRegulator(nn.Module):
         ref = head.gamma.bias
         # float32 at least (fp16/bf16 gradients are upcast); float64 stays float64 (exact tests)
         compute = torch.promote_types(grad.dtype, torch.float32)
-        out = head(grad.to(device=ref.device, dtype=compute))
+        out = head(grad.to(device=ref.device, dtype=compute), self.scale == "relative")
         return out.to(device=grad.device, dtype=grad.dtype)
 
     def regulate(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:

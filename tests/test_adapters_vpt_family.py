@@ -58,9 +58,10 @@ def random_regulator(shapes, seed=1, scale=0.3):
 def regulate_by_hand(reg, name, g):
     head = reg.heads[name.replace(".", "__")]
     x = g.float().reshape(-1, g.shape[-1])
-    gamma = torch.tanh(x @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh(x @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta).reshape(g.shape)
+    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
+    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
+    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
+    return (gamma * x + beta * s).reshape(g.shape)
 
 
 def sgd_first_step(p, g):

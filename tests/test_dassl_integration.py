@@ -103,9 +103,10 @@ def save_init(path, ctx, seed=0):
 
 def regulate_by_hand(reg, g):
     head = reg.heads["prompt_learner__ctx"]
-    gamma = torch.tanh(g @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh(g @ head.beta.weight.t() + head.beta.bias)
-    return gamma * g + beta
+    s = torch.sqrt(g.pow(2).mean() + 1e-30)  # the default scale="relative"
+    gamma = torch.tanh((g / s) @ head.gamma.weight.t() + head.gamma.bias)
+    beta = torch.tanh((g / s) @ head.beta.weight.t() + head.beta.bias)
+    return gamma * g + beta * s
 
 
 def zero_shot_logits(tiny_clip, classnames, images):

@@ -8,24 +8,58 @@ import torch
 from gram_plugin import GradientRegulator, chain, clip_meta, identity, prograd, regulate
 
 
-def test_regulator_formula_hand_computed():
-    reg = GradientRegulator({"ctx": (2, 3)}, init_gain=0.5).double()
+def _set_hand_weights(reg):
     head = reg.heads["ctx"]
     with torch.no_grad():
         head.gamma.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, -1.0]]))
         head.gamma.bias.copy_(torch.tensor([0.1, 0.0, 0.2]))
         head.beta.weight.copy_(torch.eye(3) * 0.5)
         head.beta.bias.copy_(torch.tensor([0.0, -0.1, 0.0]))
-    g = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.5, -0.4]], dtype=torch.float64)
+    return reg
+
+
+def _hand_expected(g, s):
+    """tanh(W_g g/s + b_g) * g + tanh(W_b g/s + b_b) * s, written out entry by entry."""
     expected = torch.empty_like(g)
     wg = [[1.0, 0, 0], [0, 2.0, 0], [0, 0, -1.0]]
     bg, bb = [0.1, 0.0, 0.2], [0.0, -0.1, 0.0]
     for r in range(2):  # the linear maps act on the last (embedding) dimension, shared across rows
         for c in range(3):
-            pre_g = sum(wg[c][j] * g[r, j].item() for j in range(3)) + bg[c]
-            pre_b = 0.5 * g[r, c].item() + bb[c]
-            expected[r, c] = math.tanh(pre_g) * g[r, c].item() + math.tanh(pre_b)
-    torch.testing.assert_close(reg("ctx", g), expected)
+            pre_g = sum(wg[c][j] * g[r, j].item() / s for j in range(3)) + bg[c]
+            pre_b = 0.5 * g[r, c].item() / s + bb[c]
+            expected[r, c] = math.tanh(pre_g) * g[r, c].item() + math.tanh(pre_b) * s
+    return expected
+
+
+G = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.5, -0.4]], dtype=torch.float64)
+
+
+def test_regulator_formula_hand_computed_absolute():
+    reg = _set_hand_weights(GradientRegulator({"ctx": (2, 3)}, init_gain=0.5, scale="absolute").double())
+    torch.testing.assert_close(reg("ctx", G), _hand_expected(G, 1.0))
+
+
+def test_regulator_formula_hand_computed_relative():
+    reg = _set_hand_weights(GradientRegulator({"ctx": (2, 3)}, init_gain=0.5).double())
+    rms = math.sqrt(sum(v * v for v in G.flatten().tolist()) / 6)
+    torch.testing.assert_close(reg("ctx", G), _hand_expected(G, rms))
+    # degree-1 homogeneous: scaling the gradient (loss scale, logit scale) scales the output
+    torch.testing.assert_close(reg("ctx", 1e-3 * G), 1e-3 * reg("ctx", G))
+    zero = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    out = reg("ctx", zero)
+    assert out.abs().max() < 1e-14  # no drift on a zero gradient (eps in s leaves ~1e-16)
+    (d,) = torch.autograd.grad(out.sum(), zero)
+    assert torch.isfinite(d).all()
+
+
+def test_regulator_config_round_trip_and_old_files_keep_absolute_scale():
+    reg = GradientRegulator({"a": (2, 4)}, scale="absolute")
+    assert GradientRegulator.from_config(reg.to_config()).scale == "absolute"
+    assert GradientRegulator.from_config(GradientRegulator({"a": (2, 4)}).to_config()).scale == "relative"
+    old = {k: v for k, v in reg.to_config().items() if k != "scale"}
+    assert GradientRegulator.from_config(old).scale == "absolute"
+    with pytest.raises(ValueError, match="scale must be"):
+        GradientRegulator({"a": (2, 4)}, scale="log")
 
 
 def test_regulator_initial_state_is_scaled_identity():
