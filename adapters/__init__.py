@@ -68,6 +68,8 @@ class GramWrap:
             del self.trainer._gram_wrap
         fb = self.trainer.__dict__.get("forward_backward")
         if fb is not None and hasattr(fb, "__wrapped__"):
+            for h in getattr(fb, "_gram_handles", ()):  # ProGrad's forward hooks
+                h.remove()
             del self.trainer.forward_backward
 
     def __repr__(self) -> str:

@@ -70,6 +70,9 @@ class DasslAdapter:
     projects_itself: bool = False
     #: init tensor names accepted as aliases, e.g. ``{"ctx": "prompt_learner.ctx"}``
     init_aliases: dict = {}
+    #: ``trainer.model(images)`` returns the prompted logits while training (not the loss), so ProGrad
+    #: takes G_g from the trainer's own forward instead of running a second one
+    logits_from_own_forward: bool = False
 
     def __init__(self, trainer):
         if not hasattr(trainer, "model") or not isinstance(getattr(trainer, "model"), nn.Module):
@@ -121,6 +124,14 @@ class DasslAdapter:
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no zero-shot teacher")
+
+    def image_features_module(self) -> Optional[nn.Module]:
+        """The frozen module whose output in the trainer's forward the teacher can reuse (or ``None``)."""
+        return None
+
+    def zero_shot_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits from the output of :meth:`image_features_module`."""
+        raise NotImplementedError(f"{type(self).__name__} does not reuse image features")
 
     def teacher_problem(self) -> Optional[str]:
         """Why ProGrad cannot run on this trainer (``None`` when a zero-shot teacher exists)."""

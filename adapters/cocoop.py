@@ -20,6 +20,7 @@ from .coop import CoOpAdapter
 class CoCoOpAdapter(CoOpAdapter):
     prompt_pattern = r"^prompt_learner\.(ctx$|meta_net\.)"
     cfg_key = "COCOOP"
+    logits_from_own_forward = False  # its forward returns the loss while training
 
     def prompted_logits(self, images):
         pl = self.model.prompt_learner

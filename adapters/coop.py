@@ -31,6 +31,7 @@ class CoOpAdapter(DasslAdapter):
     prompt_pattern = r"^prompt_learner\.ctx$"
     init_aliases = {"ctx": "prompt_learner.ctx"}
     cfg_key = "COOP"
+    logits_from_own_forward = True  # CustomCLIP.forward returns the logits
 
     def prepare(self) -> None:
         pl = self.model.prompt_learner
@@ -72,14 +73,19 @@ class CoOpAdapter(DasslAdapter):
 
     @torch.no_grad()
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.zero_shot_logits_from_features(self.model.image_encoder(images.type(self.model.dtype)))
+
+    def image_features_module(self):
+        # frozen: the prompted forward's image features are the zero-shot model's
+        return self.model.image_encoder
+
+    @torch.no_grad()
+    def zero_shot_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         problem = self.teacher_problem()
         if problem:
             raise NotImplementedError(problem)
-        model = self.model
-        f = model.image_encoder(images.type(model.dtype))
-        f = f / f.norm(dim=-1, keepdim=True)
-        tf = self._zero_shot_text_features()
-        return model.logit_scale.exp() * f @ tf.t()
+        f = features / features.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * f @ self._zero_shot_text_features().t()
 
 
 @register_adapter("ProGrad")

@@ -2,12 +2,25 @@
 
 ProGrad (Zhu et al., ICCV 2023) needs, besides the task gradient G_d that the trainer computes, the
 general-knowledge gradient G_g = d KL(p_zero-shot || p_prompted) / d prompts of the same batch.
-The wrapper computes G_g first (one extra forward of the prompted model, ``torch.autograd.grad``
-so no ``.grad`` is touched), puts it in every installed hook's ``context["general_grads"]``, then
-runs the trainer's own ``forward_backward`` unchanged. Its ``optim.step()`` (in whatever precision
-path) fires the step pre-hook, where :func:`gram_plugin.transforms.prograd` projects G_d per tensor
-(guarded against ``None`` and zero G_g) before the regulator sees it. The context is cleared after
-the step, so a stale G_g can never be used for another batch.
+It is put in every installed hook's ``context["general_grads"]`` before the trainer's
+``optim.step()`` (in whatever precision path) fires the step pre-hook, where
+:func:`gram_plugin.transforms.prograd` projects G_d per tensor (guarded against ``None`` and zero
+G_g) before the regulator sees it. The context is cleared after the step, so a stale G_g can never
+be used for another batch. ``torch.autograd.grad`` is used throughout, so no ``.grad`` is touched.
+
+Two ways to get G_g, chosen by the adapter:
+
+* **From the trainer's own forward** (``adapter.logits_from_own_forward``, CoOp): a forward hook on
+  ``trainer.model`` takes the logits of the forward that ``forward_backward`` runs anyway and
+  differentiates the KL with ``retain_graph=True``; the trainer's ``loss.backward()`` then reuses the
+  graph. The teacher reuses that forward's frozen image features when the adapter names the module
+  that makes them (:meth:`DasslAdapter.image_features_module`). Cost: one extra backward through the
+  text encoder, no extra forward (benchmarks/README.md, ProGrad row).
+* **A second forward** (every other adapter, e.g. models that return the loss while training): the
+  wrapper computes the prompted and zero-shot logits of the batch itself before calling the
+  trainer's ``forward_backward`` unchanged.
+
+Both give the same G_g (tests/test_adapters_coop.py checks the prompts end equal).
 """
 
 from __future__ import annotations
@@ -37,9 +50,71 @@ def general_knowledge_gradients(adapter: DasslAdapter, batch, params: "OrderedDi
     return {n: (None if g is None else g.detach()) for n, g in zip(names, grads)}
 
 
+def _kl_gradients(student: torch.Tensor, teacher: torch.Tensor, params, retain_graph: bool) -> dict:
+    kl = F.kl_div(F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1),
+                  reduction="batchmean", log_target=True)
+    names = list(params)
+    grads = torch.autograd.grad(kl, [params[n] for n in names], retain_graph=retain_graph, allow_unused=True)
+    return {n: (None if g is None else g.detach()) for n, g in zip(names, grads)}
+
+
+def _own_forward_hooks(trainer, adapter: DasslAdapter, hooks: list, params, state: dict) -> list:
+    """Forward hooks that compute G_g from the first grad-enabled forward while ``state['armed']``."""
+    # A user-given teacher (wrap(..., teacher=...)) is an instance attribute: it must be used as is.
+    reuse = "zero_shot_logits" not in adapter.__dict__
+    feature_module = adapter.image_features_module() if reuse else None
+    handles = []
+
+    if feature_module is not None:
+        def keep_features(module, inputs, output):
+            if state["armed"]:
+                state["features"] = output
+
+        handles.append(feature_module.register_forward_hook(keep_features))
+
+    def general_from_forward(module, inputs, output):
+        if not (state["armed"] and torch.is_grad_enabled()):
+            return
+        state["armed"] = False  # only the trainer's first forward of the step
+        images = inputs[0] if inputs else None
+        features = state.pop("features", None)
+        with torch.no_grad():
+            teacher = (adapter.zero_shot_logits_from_features(features) if features is not None
+                       else adapter.zero_shot_logits(images))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            general = _kl_gradients(output, teacher, params, retain_graph=True)
+        else:  # a fork whose model returns something else: fall back to a second forward
+            with torch.enable_grad():
+                general = _kl_gradients(adapter.prompted_logits(images), teacher, params, retain_graph=False)
+        for h in hooks:
+            h.context["general_grads"] = general
+
+    # On trainer.model itself (DataParallel included): its output is the gathered batch's logits.
+    handles.append(trainer.model.register_forward_hook(general_from_forward))
+    return handles
+
+
 def wrap_forward_backward(trainer, adapter: DasslAdapter, hooks: list, params) -> None:
     """Replace ``trainer.forward_backward`` (instance attribute) by the ProGrad-supplying version."""
     original = trainer.forward_backward
+
+    if adapter.logits_from_own_forward:
+        state = {"armed": False}
+        handles = _own_forward_hooks(trainer, adapter, hooks, params, state)
+
+        def forward_backward(batch, *args, **kwargs):
+            state.update(armed=True, features=None)
+            try:
+                return original(batch, *args, **kwargs)
+            finally:
+                state.update(armed=False, features=None)
+                for h in hooks:
+                    h.context.pop("general_grads", None)
+
+        forward_backward.__wrapped__ = original
+        forward_backward._gram_handles = handles
+        trainer.forward_backward = forward_backward
+        return
 
     def forward_backward(batch, *args, **kwargs):
         general = general_knowledge_gradients(adapter, batch, params)

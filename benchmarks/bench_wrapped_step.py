@@ -10,14 +10,13 @@ Variants (each its own trainer over the same frozen CLIP object, same batch):
   plain      ``trainer.forward_backward(batch)`` of the unwrapped trainer
   regulated  ``wrap(trainer, regulator=GradientRegulator(...))``: the regulated step, installed as an
              optimiser step pre-hook (full-rank head, width 512)
-  prograd    ``wrap(trainer, regulator=None, prograd=1.0)``: ProGrad through the adapter's
-             ``forward_backward`` wrapper (extra prompted forward + KL gradient, zero-shot teacher)
+  prograd    ``wrap(trainer, regulator=None, prograd=1.0)``: ProGrad as shipped for CoOp, G_g taken
+             from the trainer's own forward (a forward hook on ``trainer.model`` differentiates the KL
+             with ``retain_graph=True``; the teacher reuses that forward's image features)
   prograd+reg  both (``chain(prograd, regulate)``)
-  prograd-1fwd  a prototype, local to this benchmark, of ProGrad without the wrapper's second forward:
-             the same hook and transform as ``prograd``, but G_g is taken from the trainer's *own*
-             forward (a forward hook on ``trainer.model`` differentiates the KL with
-             ``retain_graph=True``; the teacher reuses the image features of that forward through a
-             hook on ``model.image_encoder``). Its prompts are checked to end equal to ``prograd``'s.
+  prograd-2fwd  the same with the adapter's two-forward fallback (what adapters whose model returns
+             the loss while training use: an extra prompted forward + KL gradient before the
+             trainer's own step). Its prompts are checked to end equal to ``prograd``'s.
   upstream   ProGrad's own trainer (the fixture's replica of BeierZhu/Prompt-align
              ``trainers/prograd.py``: one forward, two backwards, separate zero-shot CLIP), for
              reference; not wrapped
@@ -52,7 +51,7 @@ from gram_plugin.adapters import wrap  # noqa: E402
 from gram_plugin.regulator import GradientRegulator  # noqa: E402
 from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
-VARIANTS = ("plain", "regulated", "prograd", "prograd+reg", "prograd-1fwd", "upstream")
+VARIANTS = ("plain", "regulated", "prograd", "prograd+reg", "prograd-2fwd", "upstream")
 
 CLASSNAMES = [
     "airplane", "car_side", "chandelier", "face", "ketch", "leopard", "motorbike", "pizza", "sunflower",
@@ -73,32 +72,6 @@ def build_clip(args):
     return open_clip.create_model(args.model, force_image_size=args.image_size).eval()
 
 
-def one_forward_prograd(trainer, handle):
-    """Replace the wrapper's extra forward by hooks on the trainer's own forward (prototype)."""
-    import torch.nn.functional as F
-
-    del trainer.forward_backward  # back to the trainer's own method (the hooks stay installed)
-    model, adapter, params = trainer.model, handle.adapter, handle.params
-    captured = {}
-    model.image_encoder.register_forward_hook(lambda m, i, out: captured.__setitem__("img", out))
-
-    def general_from_own_forward(m, inputs, logits):
-        if not (torch.is_grad_enabled() and logits.requires_grad):
-            return
-        f = captured.pop("img")
-        with torch.no_grad():
-            f = f / f.norm(dim=-1, keepdim=True)
-            teacher = (m.logit_scale.exp() * f @ adapter._zero_shot_text_features().t()).float()
-        kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(teacher, dim=-1),
-                      reduction="batchmean", log_target=True)
-        grads = torch.autograd.grad(kl, list(params.values()), retain_graph=True, allow_unused=True)
-        general = {n: (None if g is None else g.detach()) for n, g in zip(params, grads)}
-        for h in handle.hooks:
-            h.context["general_grads"] = general
-
-    model.register_forward_hook(general_from_own_forward)
-
-
 def make_trainers(args, variants):
     clip = build_clip(args)
     names = [f"{CLASSNAMES[i % len(CLASSNAMES)]}_{i // len(CLASSNAMES)}".removesuffix("_0") for i in range(args.classes)]
@@ -113,8 +86,12 @@ def make_trainers(args, variants):
             wrap(t, regulator=GradientRegulator({"prompt_learner.ctx": tuple(t.model.prompt_learner.ctx.shape)}))
         elif v == "prograd":
             wrap(t, regulator=None, prograd=1.0)
-        elif v == "prograd-1fwd":
-            one_forward_prograd(t, wrap(t, regulator=None, prograd=1.0))
+        elif v == "prograd-2fwd":
+            from gram_plugin.adapters.coop import CoOpAdapter
+
+            adapter = CoOpAdapter(t)
+            adapter.logits_from_own_forward = False
+            wrap(t, regulator=None, prograd=1.0, adapter=adapter)
         elif v == "prograd+reg":
             wrap(t, regulator=GradientRegulator({"prompt_learner.ctx": tuple(t.model.prompt_learner.ctx.shape)}),
                  prograd=1.0)
@@ -146,7 +123,7 @@ def main(argv=None):
     times, cpu = interleaved({v: (lambda t=trainers[v]: t.forward_backward(batch)) for v in variants},
                              args.repeats, digits=3)
     check = {}
-    for a, b in (("prograd-1fwd", "prograd"), ("prograd", "regulated"), ("regulated", "plain")):
+    for a, b in (("prograd-2fwd", "prograd"), ("prograd", "regulated"), ("regulated", "plain")):
         if a in trainers and b in trainers:
             ca, cb = (trainers[x].model.prompt_learner.ctx.detach() for x in (a, b))
             check[f"{a} vs {b}"] = float((ca - cb).abs().max())

@@ -32,9 +32,10 @@ def random_regulator(shapes, seed=1, scale=0.3):
 def regulate_by_hand(reg, name, g):
     head = reg.heads[name.replace(".", "__")]
     x = g.reshape(-1, g.shape[-1])
-    gamma = torch.tanh(x @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh(x @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta).reshape(g.shape)
+    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
+    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
+    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
+    return (gamma * x + beta * s).reshape(g.shape)
 
 
 def sgd_first_step(p, g):
@@ -503,3 +504,34 @@ def test_compat_patch_fixes_warmup_and_weights_only_checkpoints(fake_dassl, tmp_
     torch.save({"scheduler": {"successor": cosine}}, old)
     with pytest.raises(RuntimeError, match=r"weights_only=True .*patch_dassl\(allow_pickle=True\)"):
         load_checkpoint(str(old))
+
+
+def test_coop_prograd_takes_g_g_from_the_trainers_own_forward():
+    """One forward per step (G_g from the trainer's forward, teacher on its image features), and the
+    same prompts as the two-forward wrapper every other adapter uses."""
+    from gram_plugin.adapters.coop import CoOpAdapter
+
+    def counted(trainer):
+        calls = {"image": 0}
+        trainer.model.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("image", calls["image"] + 1))
+        return calls
+
+    one = build(CoOp, make_cfg(ctx_init="a photo of a"))
+    two = build(CoOp, make_cfg(ctx_init="a photo of a"))
+    two_forward = CoOpAdapter(two)
+    two_forward.logits_from_own_forward = False
+    h_one, h_two = wrap(one, prograd=1.0), wrap(two, prograd=1.0, adapter=two_forward)
+    n_one, n_two = counted(one), counted(two)
+    for p in (one.model.prompt_learner.ctx, two.model.prompt_learner.ctx):
+        with torch.no_grad():  # away from the hand-crafted prompt, so G_g is not ~0
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    for seed in range(3):
+        one.forward_backward(make_batch(seed=seed))
+        two.forward_backward(make_batch(seed=seed))
+    assert n_one["image"] == 3 and n_two["image"] == 9  # own forward vs + teacher + second forward
+    torch.testing.assert_close(one.model.prompt_learner.ctx, two.model.prompt_learner.ctx, atol=1e-6, rtol=1e-5)
+    assert h_one.hooks[0].steps == 3
+    with torch.no_grad():  # inference forwards never compute G_g
+        one.model(make_batch(seed=0)["img"])
+    h_one.remove()
+    assert not one.model._forward_hooks and len(one.model.image_encoder._forward_hooks) == 1  # only ours left
