@@ -135,11 +135,19 @@ class OpenCLIPBackbone(nn.Module):
 
     def encode_text_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         clip = self.clip
-        x = embeddings + clip.positional_embedding.to(embeddings.dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
-        x = clip.ln_final(x)
         # the end-of-text token has the largest id in CLIP's vocabulary
-        x = x[torch.arange(x.shape[0], device=x.device), ids.to(x.device).argmax(dim=-1)]
+        eot = ids.to(embeddings.device).argmax(dim=-1)
+        mask = clip.attn_mask
+        if mask is not None:
+            # Causal mask: no position attends to a later one, so the tokens after the last
+            # end-of-text cannot change what is pooled; dropping them is exact and cuts the text
+            # tower's work from 77 positions to the longest prompt (about 5x for CoOp prompts).
+            n = int(eot.max()) + 1
+            embeddings, mask = embeddings[:, :n], mask[:n, :n]
+        x = embeddings + clip.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+        x = clip.transformer(x, attn_mask=mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 

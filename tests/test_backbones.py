@@ -33,6 +33,27 @@ def test_text_path_equals_open_clip(bb):
     torch.testing.assert_close(ours, bb.clip.encode_text(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_text_path_drops_positions_after_the_last_eot_exactly():
+    """Only the longest prompt's positions run through the tower; values and gradients equal the
+    full 77-position computation (open_clip's own, with a hook counting the positions it sees)."""
+    bb = tiny_openclip(0).double()
+    ids = bb.tokenize(["a photo of a dog.", "a very small photo of a striped cat on a mat"])
+    emb = bb.embed_tokens(ids).detach().requires_grad_(True)
+    seen = []
+    hook = bb.clip.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]), with_kwargs=True)
+    ours = bb.encode_text_embeddings(emb, ids)
+    hook.remove()
+    assert seen == [int(ids.argmax(-1).max()) + 1] and seen[0] < ids.shape[1]
+    x = emb + bb.clip.positional_embedding  # the full-length reference, as open_clip computes it
+    x = bb.clip.ln_final(bb.clip.transformer(x, attn_mask=bb.clip.attn_mask))
+    full = x[torch.arange(2), ids.argmax(-1)] @ bb.clip.text_projection
+    torch.testing.assert_close(ours, full, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(full)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), emb)
+    (g_full,) = torch.autograd.grad((full * w).sum(), emb)
+    torch.testing.assert_close(g_ours, g_full, rtol=1e-12, atol=1e-12)
+
+
 def test_image_path_and_vpt_shapes(bb):
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(bb.encode_image(x), bb.clip.encode_image(x))
