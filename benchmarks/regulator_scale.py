@@ -1,6 +1,6 @@
 """How large is GRAM's additive term beta next to the gradient it regulates? (diagnostic for RESULTS.md)
 
-    python benchmarks/regulator_scale.py
+    python benchmarks/regulator_scale.py [relative|absolute]
 
 Meta-trains a GRAM init + regulator on the proxy (5-way tasks from Caltech101 base training images,
 the settings of benchmarks/protocols.py) and, on one fixed support set, prints the prompt gradient g,
@@ -21,7 +21,7 @@ bb = load_proxy()
 tr, _, _, _ = load_caltech(shared_data_dir(), 32, 0)
 src = NWayKShotTasks(P.featurize(bb, tr), 5, 4, 8)
 m = P.new_model(bb, 1)
-reg = GradientRegulator.for_module(m)
+reg = GradientRegulator.for_module(m, scale=sys.argv[1] if len(sys.argv) > 1 else "relative")
 t = MetaPromptTrainer(m.meta_loss_fn(), m, regulator=reg, config=MetaConfig(inner_lr=0.05, inner_steps=2, outer_lr=0.01, regulator_lr=0.01, meta_batch_size=2, steps=10, clip_gamma=5.0, seed=1, progress=False))
 task = src.sample(torch.Generator().manual_seed(5))
 def probe(tag):
@@ -30,7 +30,9 @@ def probe(tag):
     with torch.no_grad():
         r = reg.regulate({"ctx": g})["ctx"]
         head = reg.heads[reg._key("ctx")]
-        gamma = torch.tanh(head.gamma(g.reshape(-1, g.shape[-1]))); beta = torch.tanh(head.beta(g.reshape(-1, g.shape[-1])))
+        x = g.reshape(-1, g.shape[-1])
+        s = x.pow(2).mean().sqrt() if reg.scale == "relative" else torch.tensor(1.0)
+        gamma = torch.tanh(head.gamma(x / s)); beta = s * torch.tanh(head.beta(x / s))  # beta as added to g
     cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
     print(f"{tag}: |g|={g.norm():.2e} mean|g|={g.abs().mean():.2e} mean gamma={gamma.mean():.3f} mean|beta|={beta.abs().mean():.2e} |R(g)|={r.norm():.2e} cos(g,R(g))={cos:.3f}", flush=True)
 probe("init")
