@@ -55,6 +55,22 @@ def default_preprocess(image_size: int):
     )
 
 
+def _plain_attention_blocks(transformer: nn.Module) -> bool:
+    """open_clip's standard text blocks (self-attention through nn.MultiheadAttention), batch-first,
+    no gradient checkpointing: the blocks :meth:`OpenCLIPBackbone._text_transformer` may run itself."""
+    try:
+        from open_clip.transformer import ResidualAttentionBlock
+    except ImportError:  # pragma: no cover - open_clip is what built the model
+        return False
+    if not getattr(transformer, "batch_first", False) or getattr(transformer, "grad_checkpointing", False):
+        return False
+    return all(
+        type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+        and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim and b.attn.batch_first
+        for b in getattr(transformer, "resblocks", ())
+    )
+
+
 class OpenCLIPBackbone(nn.Module):
     """A frozen open_clip CLIP exposing the :class:`Backbone` protocol.
 
@@ -145,11 +161,38 @@ class OpenCLIPBackbone(nn.Module):
             n = int(eot.max()) + 1
             embeddings, mask = embeddings[:, :n], mask[:n, :n]
         x = embeddings + clip.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
-        x = clip.transformer(x, attn_mask=mask)
+        x = self._text_transformer(x, mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def _text_transformer(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``clip.transformer(x, attn_mask=mask)``, run sequence-first with contiguous activations.
+
+        open_clip's blocks are batch-first, and nn.MultiheadAttention transposes its input to
+        sequence-first before the q/k/v projection; on that non-contiguous input a linear layer
+        that needs gradients runs as a batched matmul over copies of the weight (1.8x slower, and
+        the same again in every backward). Running the blocks sequence-first (what
+        ``batch_first=False`` does) is the same arithmetic on contiguous tensors. Blocks of another
+        kind, or gradient checkpointing, take open_clip's own path.
+        """
+        transformer = self.clip.transformer
+        if not _plain_attention_blocks(transformer):
+            return transformer(x, attn_mask=mask)
+        x = x.transpose(0, 1).contiguous()  # NLD -> LND
+        mask = mask.to(x.dtype) if mask is not None else None
+        for block in transformer.resblocks:
+            attn = block.attn
+            h = block.ln_1(x)
+            h = F.multi_head_attention_forward(
+                h, h, h, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias,
+                attn.bias_k, attn.bias_v, attn.add_zero_attn, attn.dropout, attn.out_proj.weight,
+                attn.out_proj.bias, training=attn.training, need_weights=False, attn_mask=mask,
+            )[0]
+            x = x + block.ls_1(h)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x.transpose(0, 1)
 
     # -- images --------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, visual_prompts: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -35,12 +35,19 @@ def test_text_path_equals_open_clip(bb):
 
 def test_text_path_drops_positions_after_the_last_eot_exactly():
     """Only the longest prompt's positions run through the tower; values and gradients equal the
-    full 77-position computation (open_clip's own, with a hook counting the positions it sees)."""
+    full 77-position computation through open_clip's own Transformer (a hook on ln_final counts positions)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # second derivatives of attention need the math kernel
+        _check_truncated_text_path()
+
+
+def _check_truncated_text_path():
     bb = tiny_openclip(0).double()
     ids = bb.tokenize(["a photo of a dog.", "a very small photo of a striped cat on a mat"])
     emb = bb.embed_tokens(ids).detach().requires_grad_(True)
     seen = []
-    hook = bb.clip.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]), with_kwargs=True)
+    hook = bb.clip.ln_final.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     ours = bb.encode_text_embeddings(emb, ids)
     hook.remove()
     assert seen == [int(ids.argmax(-1).max()) + 1] and seen[0] < ids.shape[1]
@@ -48,10 +55,32 @@ def test_text_path_drops_positions_after_the_last_eot_exactly():
     x = bb.clip.ln_final(bb.clip.transformer(x, attn_mask=bb.clip.attn_mask))
     full = x[torch.arange(2), ids.argmax(-1)] @ bb.clip.text_projection
     torch.testing.assert_close(ours, full, rtol=1e-12, atol=1e-12)
+    # first and second derivatives too (the meta-gradient differentiates through a gradient)
     w = torch.randn_like(full)
-    (g_ours,) = torch.autograd.grad((ours * w).sum(), emb)
-    (g_full,) = torch.autograd.grad((full * w).sum(), emb)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), emb, create_graph=True)
+    (g_full,) = torch.autograd.grad((full * w).sum(), emb, create_graph=True)
     torch.testing.assert_close(g_ours, g_full, rtol=1e-12, atol=1e-12)
+    (h_ours,) = torch.autograd.grad(g_ours.pow(2).sum(), emb)
+    (h_full,) = torch.autograd.grad(g_full.pow(2).sum(), emb)
+    torch.testing.assert_close(h_ours, h_full, rtol=1e-10, atol=1e-12)
+
+
+def test_text_blocks_run_sequence_first_unless_they_are_not_the_standard_ones():
+    from gram_plugin.backbones import _plain_attention_blocks
+
+    bb = tiny_openclip(0)
+    assert _plain_attention_blocks(bb.clip.transformer)
+    calls = []
+    hook = bb.clip.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = bb.tokenize(["a photo of a dog."])
+    fast = bb.encode_text_embeddings(bb.embed_tokens(ids), ids)
+    assert calls == []  # open_clip's Transformer.forward was not used
+    bb.clip.transformer.grad_checkpointing = True  # -> open_clip's own path
+    assert not _plain_attention_blocks(bb.clip.transformer)
+    own = bb.encode_text_embeddings(bb.embed_tokens(ids), ids)
+    hook.remove()
+    assert calls == [1]
+    torch.testing.assert_close(fast, own, rtol=1e-5, atol=1e-6)
 
 
 def test_image_path_and_vpt_shapes(bb):
