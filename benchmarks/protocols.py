@@ -99,10 +99,10 @@ def new_model(backbone, seed):
 def meta_train(backbone, source, args, seed, regulator: bool):
     model = new_model(backbone, seed)
     cfg = MetaConfig(inner_lr=args.inner_lr, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
-                     regulator_lr=args.outer_lr, meta_batch_size=args.meta_batch, steps=args.meta_steps,
+                     regulator_lr=args.regulator_lr, meta_batch_size=args.meta_batch, steps=args.meta_steps,
                      clip_gamma=5.0, seed=seed, track_alignment=regulator, first_order=args.first_order,
                      progress=not args.quiet)
-    reg = GradientRegulator.for_module(model) if regulator else None
+    reg = GradientRegulator.for_module(model, scale=args.regulator_scale) if regulator else None
     trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg, metadata=model.config())
     t0 = time.perf_counter()
     init = trainer.fit(source)
@@ -145,7 +145,8 @@ def report(results, args, seconds) -> str:
              f"batch {args.batch_size}; meta-training: {args.meta_steps} outer steps x {args.meta_batch} tasks "
              f"({args.n_way}-way, {args.k_support} support + {args.k_query} query shots per class, from Caltech101 "
              f"base training images), {args.inner_steps} inner steps at lr {args.inner_lr}, outer Adam lr "
-             f"{args.outer_lr}, meta-gradient clipping gamma 5"
+             f"{args.outer_lr} (GRAM's regulator: Adam lr {args.regulator_lr}, {args.regulator_scale} scale), "
+             "meta-gradient clipping gamma 5"
              + (", first-order meta-gradients (the regulator still learns through R(g))." if args.first_order else
                 ", second-order meta-gradients."), ""]
     for target in args.targets:
@@ -236,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--inner-steps", type=int, default=2)
     p.add_argument("--inner-lr", type=float, default=0.05)
     p.add_argument("--outer-lr", type=float, default=0.01)
+    p.add_argument("--regulator-lr", type=float, default=MetaConfig.regulator_lr,
+                   help="Adam lr of GRAM's regulator (default: the library's, 1e-3)")
+    p.add_argument("--regulator-scale", choices=["relative", "absolute"], default="relative",
+                   help="GradientRegulator scale (absolute = GRAM eq. 5-6 as written)")
     p.add_argument("--targets", nargs="+", default=["caltech101", "imagenet-mini", "fashion-mnist"],
                    choices=["caltech101", "imagenet-mini", "fashion-mnist"])
     p.add_argument("--cross-source", default="caltech101", help="target whose tuned prompts are evaluated cross-dataset")

@@ -1,40 +1,78 @@
 """How large is GRAM's additive term beta next to the gradient it regulates? (diagnostic for RESULTS.md)
 
-    python benchmarks/regulator_scale.py [relative|absolute]
+    python benchmarks/regulator_scale.py [--scale relative|absolute] [--regulator-lr 0.01] [--steps 50]
 
 Meta-trains a GRAM init + regulator on the proxy (5-way tasks from Caltech101 base training images,
-the settings of benchmarks/protocols.py) and, on one fixed support set, prints the prompt gradient g,
-the regulator's gamma and beta, and cos(g, R(g)) after 0, 1, 5 and 10 outer steps.
+the settings of benchmarks/protocols.py, whose regulator lr is its outer lr, 0.01) and, on one fixed
+support set, prints the prompt gradient g, the regulator's gamma and beta (as added to g), and
+cos(g, R(g)) after 0, 1, 5, 10, ... outer steps; then the support/query gradient alignment that
+meta-training logged (GRAM Fig. 3b), raw and regulated, over the first and last 10 steps. Training
+tasks only: nothing here looks at a test set.
 """
 
+import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(1)
-import protocols as P
-from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer
-from gram_plugin.data import NWayKShotTasks
-from gram_plugin.proxy import load_proxy, load_caltech, shared_data_dir
-bb = load_proxy()
-tr, _, _, _ = load_caltech(shared_data_dir(), 32, 0)
-src = NWayKShotTasks(P.featurize(bb, tr), 5, 4, 8)
-m = P.new_model(bb, 1)
-reg = GradientRegulator.for_module(m, scale=sys.argv[1] if len(sys.argv) > 1 else "relative")
-t = MetaPromptTrainer(m.meta_loss_fn(), m, regulator=reg, config=MetaConfig(inner_lr=0.05, inner_steps=2, outer_lr=0.01, regulator_lr=0.01, meta_batch_size=2, steps=10, clip_gamma=5.0, seed=1, progress=False))
-task = src.sample(torch.Generator().manual_seed(5))
-def probe(tag):
-    loss = t.loss_fn(t.params, task.support)
-    g = torch.autograd.grad(loss, list(t.params.values()))[0]
-    with torch.no_grad():
-        r = reg.regulate({"ctx": g})["ctx"]
-        head = reg.heads[reg._key("ctx")]
-        x = g.reshape(-1, g.shape[-1])
-        s = x.pow(2).mean().sqrt() if reg.scale == "relative" else torch.tensor(1.0)
-        gamma = torch.tanh(head.gamma(x / s)); beta = s * torch.tanh(head.beta(x / s))  # beta as added to g
-    cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
-    print(f"{tag}: |g|={g.norm():.2e} mean|g|={g.abs().mean():.2e} mean gamma={gamma.mean():.3f} mean|beta|={beta.abs().mean():.2e} |R(g)|={r.norm():.2e} cos(g,R(g))={cos:.3f}", flush=True)
-probe("init")
-for s in (1, 5, 10):
-    t.fit(src, steps=s); probe(f"after {s} outer steps")
+import protocols as P  # noqa: E402
+from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer  # noqa: E402
+from gram_plugin.data import NWayKShotTasks  # noqa: E402
+from gram_plugin.proxy import load_caltech, load_proxy, shared_data_dir  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=["relative", "absolute"], default="relative")
+    p.add_argument("--regulator-lr", type=float, default=0.01)
+    p.add_argument("--steps", type=int, default=10, help="outer steps in all")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    bb = load_proxy()
+    tr, _, _, _ = load_caltech(shared_data_dir(), 32, 0)
+    src = NWayKShotTasks(P.featurize(bb, tr), 5, 4, 8)
+    m = P.new_model(bb, args.seed)
+    reg = GradientRegulator.for_module(m, scale=args.scale)
+    t = MetaPromptTrainer(m.meta_loss_fn(), m, regulator=reg, config=MetaConfig(
+        inner_lr=0.05, inner_steps=2, outer_lr=0.01, regulator_lr=args.regulator_lr, meta_batch_size=2,
+        steps=args.steps, clip_gamma=5.0, seed=args.seed, progress=False, track_alignment=True))
+    task = src.sample(torch.Generator().manual_seed(5))
+
+    def probe(tag):
+        loss = t.loss_fn(t.params, task.support)
+        g = torch.autograd.grad(loss, list(t.params.values()))[0]
+        with torch.no_grad():
+            r = reg.regulate({"ctx": g})["ctx"]
+            head = reg.heads[reg._key("ctx")]
+            x = g.reshape(-1, g.shape[-1])
+            s = x.pow(2).mean().sqrt() if reg.scale == "relative" else torch.tensor(1.0)
+            gamma = torch.tanh(head.gamma(x / s))
+            beta = s * torch.tanh(head.beta(x / s))  # as added to g
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
+        print(f"{tag}: |g|={g.norm():.2e} mean|g|={g.abs().mean():.2e} mean gamma={gamma.mean():.3f} "
+              f"mean|beta|={beta.abs().mean():.2e} |R(g)|={r.norm():.2e} cos(g,R(g))={cos:.3f}", flush=True)
+
+    print(f"scale={args.scale} regulator_lr={args.regulator_lr} steps={args.steps} seed={args.seed}")
+    probe("init")
+    done = 0
+    for s in (1, 5, 10, 25, 50, 100):
+        if s > args.steps:
+            break
+        t.fit(src, steps=s)
+        done = s
+        probe(f"after {s} outer steps")
+    hist = t.history
+    n = min(10, len(hist))
+    for key in ("align_raw", "align_regulated"):
+        first = statistics.mean(h[key] for h in hist[:n])
+        last = statistics.mean(h[key] for h in hist[-n:])
+        print(f"{key}: first {n} steps {first:.3f}, last {n} steps {last:.3f}")
+    print(f"meta loss {hist[0]['meta_loss']:.3f} -> {hist[-1]['meta_loss']:.3f} ({done} steps)")
+
+
+if __name__ == "__main__":
+    main()
