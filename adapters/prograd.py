@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from .base import DasslAdapter
+from .base import AdapterError, DasslAdapter
 
 
 def general_knowledge_gradients(adapter: DasslAdapter, batch, params: "OrderedDict[str, torch.Tensor]") -> dict:
@@ -41,16 +41,13 @@ def general_knowledge_gradients(adapter: DasslAdapter, batch, params: "OrderedDi
     """
     images, _ = adapter.parse_batch(batch)
     with torch.no_grad():
-        teacher = adapter.zero_shot_logits(images).float()
+        teacher = adapter.zero_shot_logits(images)
     with torch.enable_grad():
-        student = adapter.prompted_logits(images).float()
-        kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean", log_target=True)
-        names = list(params)
-        grads = torch.autograd.grad(kl, [params[n] for n in names], allow_unused=True)
-    return {n: (None if g is None else g.detach()) for n, g in zip(names, grads)}
+        return _kl_gradients(adapter.prompted_logits(images), teacher, params, retain_graph=False)
 
 
 def _kl_gradients(student: torch.Tensor, teacher: torch.Tensor, params, retain_graph: bool) -> dict:
+    """{name: d KL(softmax(teacher) || softmax(student)) / d param}, KL in float32 (``batchmean``)."""
     kl = F.kl_div(F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1),
                   reduction="batchmean", log_target=True)
     names = list(params)
@@ -83,9 +80,15 @@ def _own_forward_hooks(trainer, adapter: DasslAdapter, hooks: list, params, stat
                        else adapter.zero_shot_logits(images))
         if isinstance(output, torch.Tensor) and output.requires_grad:
             general = _kl_gradients(output, teacher, params, retain_graph=True)
-        else:  # a fork whose model returns something else: fall back to a second forward
-            with torch.enable_grad():
-                general = _kl_gradients(adapter.prompted_logits(images), teacher, params, retain_graph=False)
+        else:  # a fork whose model returns something else: the adapter's prompted_logits may know
+            student = adapter.prompted_logits(images)
+            if not isinstance(student, torch.Tensor):
+                raise AdapterError(
+                    f"ProGrad: {type(trainer).__name__}.model(images) returned {type(output).__name__}, not the "
+                    f"logits; override {type(adapter).__name__}.prompted_logits, or set logits_from_own_forward "
+                    "= False on the adapter"
+                )
+            general = _kl_gradients(student, teacher, params, retain_graph=False)
         for h in hooks:
             h.context["general_grads"] = general
 

@@ -535,3 +535,13 @@ def test_coop_prograd_takes_g_g_from_the_trainers_own_forward():
         one.model(make_batch(seed=0)["img"])
     h_one.remove()
     assert not one.model._forward_hooks and len(one.model.image_encoder._forward_hooks) == 1  # only ours left
+
+
+def test_prograd_own_forward_names_a_model_that_does_not_return_logits():
+    trainer = build(CoOp, make_cfg(ctx_init="a photo of a"))
+    wrap(trainer, prograd=1.0)
+    model = trainer.model
+    own = type(model).forward
+    model.forward = lambda image: (own(model, image), "extra")  # a fork returning a tuple
+    with pytest.raises(AdapterError, match=r"returned tuple, not the logits; override CoOpAdapter.prompted_logits"):
+        trainer.forward_backward(make_batch(seed=0))
