@@ -158,7 +158,10 @@ class OpenCLIPBackbone(nn.Module):
             # Causal mask: no position attends to a later one, so the tokens after the last
             # end-of-text cannot change what is pooled; dropping them is exact and cuts the text
             # tower's work from 77 positions to the longest prompt (about 5x for CoOp prompts).
-            n = int(eot.max()) + 1
+            try:
+                n = int(eot.max()) + 1
+            except RuntimeError:  # under torch.func.vmap the ids are batched: no single Python int
+                n = embeddings.shape[1]
             embeddings, mask = embeddings[:, :n], mask[:n, :n]
         x = embeddings + clip.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
         x = self._text_transformer(x, mask)

@@ -113,3 +113,16 @@ def test_local_weights_file_and_clear_errors(tmp_path):
         OpenCLIPBackbone("no-such-model", pretrained=None)
     with pytest.raises(TypeError):
         OpenCLIPBackbone(42)
+
+
+def test_text_path_under_vmap_keeps_all_positions_and_matches_the_loop():
+    bb = tiny_openclip(0).double()  # float64: the loop truncates, vmap does not; sums differ in float32
+    ids = torch.stack([bb.tokenize(["a dog.", "a cat on a mat"]), bb.tokenize(["a small red car", "a bird."])])
+    emb = bb.embed_tokens(ids.flatten(0, 1)).unflatten(0, (2, 2))
+    batched = torch.func.vmap(bb.encode_text_embeddings)(emb, ids)
+    looped = torch.stack([bb.encode_text_embeddings(emb[t], ids[t]) for t in range(2)])
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
+    # and inside a gradient transform, as the vmap benchmark nests them
+    g = torch.func.grad(lambda e: torch.func.vmap(bb.encode_text_embeddings)(e, ids).sum())(emb)
+    g_loop = torch.func.grad(lambda e: sum(bb.encode_text_embeddings(e[t], ids[t]).sum() for t in range(2)))(emb)
+    torch.testing.assert_close(g, g_loop, rtol=1e-10, atol=1e-12)
