@@ -214,9 +214,10 @@ def loss_of(method, trainer, images, labels):
 def regulate_by_hand(reg, name, g):
     head = reg.heads[name.replace(".", "__")]
     x = g.float().reshape(-1, g.shape[-1])
-    gamma = torch.tanh(x @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh(x @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta).reshape(g.shape).to(g.dtype)
+    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
+    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
+    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
+    return (gamma * x + beta * s).reshape(g.shape).to(g.dtype)
 
 
 @pytest.mark.parametrize("upstream", list(METHODS), indirect=True)
