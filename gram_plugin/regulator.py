@@ -14,7 +14,7 @@ all prompt tensors of the same width (e.g. every VPT layer).
 Scale: with ``scale="absolute"`` (eq. 5-6 as written) gamma and beta see the raw gradient. Prompt
 gradients are small (~5e-3 per entry with CLIP-sized logits), so W g is negligible next to the biases:
 the head degenerates into a constant gain plus a constant drift tanh(b_b) that meta-training grows
-until it outweighs the gradient (benchmarks/RESULTS.md, "why GRAM hurts"). ``scale="relative"`` (the
+until it outweighs the gradient (benchmarks/RESULTS.md, "GRAM vs MAML"). ``scale="relative"`` (the
 default) feeds the maps the gradient divided by its root mean square s and scales beta by s::
 
     u = g / s,  R(g) = tanh(W_g u + b_g) * g + tanh(W_b u + b_b) * s
