@@ -100,34 +100,24 @@ def _own_forward_hooks(trainer, adapter: DasslAdapter, hooks: list, params, stat
 def wrap_forward_backward(trainer, adapter: DasslAdapter, hooks: list, params) -> None:
     """Replace ``trainer.forward_backward`` (instance attribute) by the ProGrad-supplying version."""
     original = trainer.forward_backward
-
-    if adapter.logits_from_own_forward:
-        state = {"armed": False}
-        handles = _own_forward_hooks(trainer, adapter, hooks, params, state)
-
-        def forward_backward(batch, *args, **kwargs):
-            state.update(armed=True, features=None)
-            try:
-                return original(batch, *args, **kwargs)
-            finally:
-                state.update(armed=False, features=None)
-                for h in hooks:
-                    h.context.pop("general_grads", None)
-
-        forward_backward.__wrapped__ = original
-        forward_backward._gram_handles = handles
-        trainer.forward_backward = forward_backward
-        return
+    own_forward = adapter.logits_from_own_forward
+    state = {"armed": False}
+    handles = _own_forward_hooks(trainer, adapter, hooks, params, state) if own_forward else []
 
     def forward_backward(batch, *args, **kwargs):
-        general = general_knowledge_gradients(adapter, batch, params)
-        for h in hooks:
-            h.context["general_grads"] = general
+        if own_forward:  # the forward hooks fill context["general_grads"] during the trainer's forward
+            state.update(armed=True, features=None)
+        else:
+            general = general_knowledge_gradients(adapter, batch, params)
+            for h in hooks:
+                h.context["general_grads"] = general
         try:
             return original(batch, *args, **kwargs)
         finally:
+            state.update(armed=False, features=None)
             for h in hooks:
                 h.context.pop("general_grads", None)
 
     forward_backward.__wrapped__ = original
+    forward_backward._gram_handles = handles
     trainer.forward_backward = forward_backward
