@@ -48,10 +48,7 @@ def main(argv=None):
         with torch.no_grad():
             r = reg.regulate({"ctx": g})["ctx"]
             head = reg.heads[reg._key("ctx")]
-            x = g.reshape(-1, g.shape[-1])
-            s = x.pow(2).mean().sqrt() if reg.scale == "relative" else torch.tensor(1.0)
-            gamma = torch.tanh(head.gamma(x / s))
-            beta = s * torch.tanh(head.beta(x / s))  # as added to g
+            gamma, beta = head.gain_and_shift(g.reshape(-1, g.shape[-1]), reg.scale == "relative")
         cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
         print(f"{tag}: |g|={g.norm():.2e} mean|g|={g.abs().mean():.2e} mean gamma={gamma.mean():.3f} "
               f"mean|beta|={beta.abs().mean():.2e} |R(g)|={r.norm():.2e} cos(g,R(g))={cos:.3f}", flush=True)

@@ -73,17 +73,20 @@ class _Head(nn.Module):
         with torch.no_grad():
             self.gamma.bias.fill_(math.atanh(init_gain))
 
-    def forward(self, g: torch.Tensor, relative: bool) -> torch.Tensor:
-        x = g.reshape(-1, self.width)
+    def gain_and_shift(self, x: torch.Tensor, relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma and the term added to gamma * x (beta, times rms(x) when ``relative``), for rows x."""
         if relative:
             # eps keeps s > 0 and its derivative finite for an all-zero gradient
             s = torch.sqrt(x.pow(2).mean() + 1e-30)
             u = x / s
         else:
             s, u = 1.0, x
-        gamma = torch.tanh(self.gamma(u))
-        beta = torch.tanh(self.beta(u))
-        return (gamma * x + beta * s).reshape(g.shape)
+        return torch.tanh(self.gamma(u)), torch.tanh(self.beta(u)) * s
+
+    def forward(self, g: torch.Tensor, relative: bool) -> torch.Tensor:
+        x = g.reshape(-1, self.width)
+        gamma, shift = self.gain_and_shift(x, relative)
+        return (gamma * x + shift).reshape(g.shape)
 
 
 class GradientRegulator(nn.Module):
