@@ -96,10 +96,10 @@ def _resolve_regulator(regulator, init: Optional[PromptInit]) -> Optional[Gradie
     if isinstance(regulator, GradientRegulator):
         return regulator
     if regulator == "init":
-        return init.build_regulator() if init is not None else None
+        return GradientRegulator.from_init(init) if init is not None else None
     if isinstance(regulator, (str, os.PathLike, PromptInit)):
         source = _load_init(regulator)
-        reg = source.build_regulator()
+        reg = GradientRegulator.from_init(source)
         if reg is None:
             raise PromptInitError(f"regulator: {regulator} holds no regulator")
         return reg

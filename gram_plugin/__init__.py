@@ -4,6 +4,7 @@ from .hooks import GradientHook, install_gradient_transform
 from .meta import MetaConfig, MetaPromptTrainer, MetaTrainingError, module_loss
 from .prompts import PromptInit, PromptInitError, mark_prompts, prompt_parameters, unmark_prompts
 from .regulator import GradientRegulator
+from .safeio import ArtefactError, CacheError, CheckpointError, RunFolderError
 from .tasks import FixedTasks, Task, TaskSource
 from .transforms import chain, clip_meta, identity, prograd, regulate
 

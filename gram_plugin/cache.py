@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .prompts import PromptInitError, load_tensors, save_tensors
+from .safeio import CacheError, load_tensors, save_tensors
 
 FEATURES_KEY = "features"
+FILE_KIND = "feature-cache"
 
 
 def _file_entry(path: str) -> list:
@@ -65,19 +66,19 @@ class FeatureCache:
         path = self.path_for(key)
         if path.exists():
             try:
-                tensors, meta = load_tensors(path, what="feature cache")
+                tensors, meta = load_tensors(path, what="feature cache", error=CacheError, kind=FILE_KIND)
                 feats = tensors[FEATURES_KEY]
                 if meta.get("parts") == parts and feats.shape[0] == len(dataset):
                     self.hits += 1
                     self.last_status = "hit"
                     return feats
-            except (PromptInitError, KeyError):
+            except (CacheError, KeyError):
                 pass  # a damaged cache file is recomputed and overwritten
         self.misses += 1
         self.last_status = "miss"
         feats = encode_dataset(backbone, dataset, self.batch_size, self.progress)
         self.root.mkdir(parents=True, exist_ok=True)
-        save_tensors(path, {FEATURES_KEY: feats}, {"parts": parts, "dataset": dataset.name})
+        save_tensors(path, {FEATURES_KEY: feats}, {"parts": parts, "dataset": dataset.name}, kind=FILE_KIND)
         return feats
 
     def attach(self, backbone, dataset):

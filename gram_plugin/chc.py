@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .prompts import PromptInitError, _atomic_write_bytes, load_tensors, save_tensors
+from .safeio import CacheError, atomic_write_bytes, load_tensors, save_tensors
 from .tasks import Task
 
 FORMAT = "gram-chc/1"
@@ -238,10 +238,10 @@ def embed_captions(
     cache = Path(cache_dir) / f"emb-{slug}-{key}.safetensors" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         try:
-            tensors, meta = load_tensors(cache, "embedding cache")
+            tensors, meta = load_tensors(cache, "embedding cache", error=CacheError, kind="embedding-cache")
             if meta.get("model") == identity and meta.get("n") == len(captions):
                 return tensors["embeddings"].numpy()
-        except PromptInitError:
+        except CacheError:
             pass  # a damaged cache is recomputed and overwritten
     from sentence_transformers import SentenceTransformer
 
@@ -256,7 +256,8 @@ def embed_captions(
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(cache, {"embeddings": torch.from_numpy(emb)}, {"model": identity, "n": len(captions),
-                                                                     "captions_sha256": captions_hash(captions)})
+                                                                     "captions_sha256": captions_hash(captions)},
+                     kind="embedding-cache")
     return emb
 
 
@@ -534,7 +535,7 @@ def build_hierarchy(
 def save_hierarchy(hierarchy: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, json.dumps(hierarchy).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(hierarchy).encode("utf-8"))
     return path
 
 

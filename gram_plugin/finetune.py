@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .hooks import install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
+from .regulator import GradientRegulator
 from .transforms import chain, prograd, regulate
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -97,7 +98,7 @@ def tune(
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     transforms = []
-    regulator = init.build_regulator() if (init is not None and use_regulator) else None
+    regulator = GradientRegulator.from_init(init) if (init is not None and use_regulator) else None
     zs_text = None
     if prograd_lambda is not None:
         if not model.uses_text_prompt:

@@ -37,7 +37,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .prompts import PromptInit, load_tensors, prompt_parameters, save_tensors, strip_wrapper_prefix
+from .prompts import PromptInit, prompt_parameters, strip_wrapper_prefix
+from .safeio import CheckpointError, load_tensors, save_tensors
 from .regulator import GradientRegulator
 from .scale import checkpointed_grad
 from .tasks import Task, TaskSource
@@ -46,6 +47,7 @@ from .transforms import clip_meta, global_norm
 LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_KIND = "meta-checkpoint"
 
 
 class MetaTrainingError(RuntimeError):
@@ -491,13 +493,13 @@ class MetaPromptTrainer:
         """Atomic (temp file + rename): an interrupted write never replaces a good checkpoint."""
         path = Path(path) if path is not None else self.run_dir / CHECKPOINT_NAME
         tensors, meta = self.state_tensors()
-        save_tensors(path, tensors, {"kind": "meta-checkpoint", **meta})
+        save_tensors(path, tensors, meta, kind=CHECKPOINT_KIND)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        tensors, meta = load_tensors(path, what="checkpoint")
-        if meta.get("kind") != "meta-checkpoint":
-            raise MetaTrainingError(f"{path} is not a gram-plugin meta-training checkpoint")
+        tensors, meta = load_tensors(path, what="meta-training checkpoint", error=CheckpointError, kind=CHECKPOINT_KIND)
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(f"{path} is not a gram-plugin meta-training checkpoint")
         names = {k[len("theta/"):] for k in tensors if k.startswith("theta/")}
         if names != set(self.params):
             raise MetaTrainingError(f"checkpoint {path} holds prompts {sorted(names)}, trainer has {sorted(self.params)}")

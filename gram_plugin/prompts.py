@@ -13,10 +13,8 @@ executes code from the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +23,15 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .safeio import ArtefactError, load_tensors, save_tensors
+
 _MARK = "_gram_prompt"
 FORMAT_VERSION = 1
 _REGULATOR_PREFIX = "regulator."
-_META_KEY = "gram_plugin"
+FILE_KIND = "prompt-init"
 
 
-class PromptInitError(ValueError):
+class PromptInitError(ArtefactError):
     """An init artefact does not fit: unreadable file, or names / shapes / dtypes / backbone differ."""
 
 
@@ -112,53 +112,6 @@ def prompt_parameters(module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
-    """Write tensors + a JSON metadata document as one safetensors file, atomically."""
-    from safetensors.torch import save
-
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write_bytes(Path(path), save(flat, metadata={_META_KEY: json.dumps(metadata)}))
-
-
-def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`save_tensors`; any damage is one clear ``PromptInitError``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise PromptInitError(f"{what} {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
-        raise PromptInitError(
-            f"{what} {path} is not a readable safetensors file (truncated or another format?): {e}"
-        ) from None
-    if raw is None:
-        raise PromptInitError(f"{what} {path} is a safetensors file but was not written by gram-plugin")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise PromptInitError(f"{what} {path} has corrupt gram-plugin metadata: {e}") from None
-    return tensors, meta
-
-
 @dataclass
 class PromptInit:
     """A meta-learned prompt initialisation (and, optionally, the regulator learned with it).
@@ -181,16 +134,6 @@ class PromptInit:
     def regulator_config(self) -> dict | None:
         return self.metadata.get("regulator_config")
 
-    def build_regulator(self):
-        """The ``GradientRegulator`` saved with this init, or ``None`` if there is none."""
-        if not self.regulator_state:
-            return None
-        from .regulator import GradientRegulator
-
-        reg = GradientRegulator.from_config(self.regulator_config)
-        reg.load_state_dict(self.regulator_state)
-        return reg
-
     def describe(self) -> dict:
         return {
             **self.metadata,
@@ -212,12 +155,12 @@ class PromptInit:
         meta = {**self.describe(), "format_version": FORMAT_VERSION}
         tensors = dict(self.tensors)
         tensors.update({_REGULATOR_PREFIX + k: v for k, v in self.regulator_state.items()})
-        save_tensors(path, tensors, meta)
+        save_tensors(path, tensors, meta, kind=FILE_KIND)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptInit":
-        tensors, meta = load_tensors(path, what="init file")
+        tensors, meta = load_tensors(path, what="init file", error=PromptInitError, kind=FILE_KIND)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise PromptInitError(
                 f"init file {path} has format version {meta['format_version']}; this gram-plugin "
@@ -229,7 +172,7 @@ class PromptInit:
             raise PromptInitError(f"init file {path} lists tensors it does not contain: {missing}")
         prompts = OrderedDict((n, tensors[n]) for n in names)
         reg = {k[len(_REGULATOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_REGULATOR_PREFIX)}
-        metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version")}
+        metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version", "kind")}
         return cls(prompts, metadata, reg)
 
     # -- applying ------------------------------------------------------------------------------

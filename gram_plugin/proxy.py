@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import load_tensors, save_tensors
+from .safeio import atomic_write_text, load_tensors, save_tensors
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -486,10 +486,8 @@ def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None =
         "build_seconds": round(time.time() - t0, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir / "proxy.safetensors", tensors, {"card": "card.json"})
-    tmp = out_dir / "card.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2))
-    os.replace(tmp, out_dir / "card.json")
+    save_tensors(out_dir / "proxy.safetensors", tensors, {"card": "card.json"}, kind="proxy-weights")
+    atomic_write_text(out_dir / "card.json", json.dumps(card, indent=2))
     log(f"[proxy] wrote {out_dir} in {time.time() - t0:.0f}s")
     return out_dir
 
@@ -511,7 +509,7 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     card = json.loads(card_path.read_text())
     cfg = card["config"]
     model = ProxyCLIP(cfg["image_size"], cfg["widths"], weights_tag=card["weights_sha256"][:16])
-    tensors, _ = load_tensors(w_path, what="proxy weights")
+    tensors, _ = load_tensors(w_path, what="proxy weights", error=ProxyError, kind="proxy-weights")
     visual = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
     model.visual.load_state_dict(visual, strict=True)
     with torch.no_grad():

@@ -38,6 +38,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .prompts import PromptInit, prompt_parameters
+
 
 def _head_key(name: str) -> str:
     # ModuleDict keys may not contain "."
@@ -142,8 +144,6 @@ class GradientRegulator(nn.Module):
     @classmethod
     def for_module(cls, module: nn.Module, **kwargs) -> "GradientRegulator":
         """A regulator for every marked prompt parameter of ``module``."""
-        from .prompts import prompt_parameters
-
         return cls({n: p.shape for n, p in prompt_parameters(module).items()}, **kwargs)
 
     def to_config(self) -> dict:
@@ -169,6 +169,15 @@ class GradientRegulator(nn.Module):
             # files written before the option existed hold absolute-scale heads
             scale=str(config.get("scale", "absolute")),
         )
+
+    @classmethod
+    def from_init(cls, init: PromptInit) -> "GradientRegulator | None":
+        """The regulator saved with a ``PromptInit`` (its config and weights), or ``None`` if it has none."""
+        if not init.regulator_state:
+            return None
+        reg = cls.from_config(init.regulator_config)
+        reg.load_state_dict(init.regulator_state)
+        return reg
 
     def has_head(self, name: str) -> bool:
         return name in self.shapes

@@ -20,6 +20,7 @@ from fixtures.dassl_vpt_family import CLASSNAMES, build, make_cfg, tokenize
 from gram_plugin.adapters import AdapterError, adapter_for, wrap
 from gram_plugin.adapters.meta import ClassBuffers, meta_train, method_loss
 from gram_plugin.data import NWayKShotTasks, default_dataset, subsample_classes
+from gram_plugin.regulator import GradientRegulator
 from gram_plugin.meta import MetaConfig
 from gram_plugin.prompts import PromptInit
 
@@ -103,7 +104,7 @@ def test_meta_train_then_tune_round_trip(method, regulator, real_tasks, tmp_path
         assert trainer.model.prompt_learner.token_prefix is prefix_before  # its own class buffers restored
     expected_name = {"CoOp": "MP-CoOp+clip", "VPT": "GRAM-VPT", "IVLP": "UNIGRAM", "MaPLe": "MP-MaPLe+clip", "PromptSRC": "MP-PromptSRC+clip"}[method]
     assert init.metadata["method_name"] == expected_name
-    assert (init.build_regulator() is not None) == regulator
+    assert (GradientRegulator.from_init(init) is not None) == regulator
     path = init.save(tmp_path / "init.safetensors")
 
     # tune: a trainer for the *new* classes loads it with the wrap and trains on real images

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task
-from gram_plugin.prompts import load_tensors, save_tensors
+from gram_plugin.safeio import load_tensors, save_tensors
 
 DIM, CLASSES = 6, 3
 DT = torch.float64  # float64 so that "equal up to summation order" can be checked tightly

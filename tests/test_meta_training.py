@@ -53,7 +53,7 @@ def test_meta_training_beats_default_init(with_regulator, first_order, clip):
     assert torch.allclose(init.tensors["w"], source.w_star, atol=0.25)
     assert init.metadata["method"] == ("gram" if with_regulator else "maml-clip")
     assert init.metadata["source_tasks"]["kind"] == "shifted-regression"
-    assert (init.build_regulator() is not None) == with_regulator
+    assert (GradientRegulator.from_init(init) is not None) == with_regulator
 
 
 def _run(tmp_path, steps, resume=False, checkpoint_every=2):
@@ -82,7 +82,7 @@ def test_init_round_trip_and_metadata(tmp_path):
     back = PromptInit.load(path)
     assert torch.equal(back.tensors["w"], init.tensors["w"])
     assert back.metadata["meta_config"]["inner_steps"] == 2
-    reg = back.build_regulator()
+    reg = GradientRegulator.from_init(back)
     assert reg.rank == 2 and torch.equal(reg.state_dict()["heads.w.gamma.v"], init.regulator_state["heads.w.gamma.v"])
 
 

@@ -66,7 +66,7 @@ def test_round_trip_with_regulator_and_metadata(tmp_path):
     back = PromptInit.load(path)
     assert back.metadata["backbone"] == "ViT-B-32" and back.metadata["n_ctx"] == 4
     assert back.describe()["shapes"] == {"ctx": [4, 8]}
-    rebuilt = back.build_regulator()
+    rebuilt = GradientRegulator.from_init(back)
     g = torch.randn(4, 8)
     torch.testing.assert_close(rebuilt("ctx", g), reg("ctx", g))
     with pytest.raises(FileExistsError):
@@ -138,7 +138,7 @@ def test_truncated_foreign_and_pickle_files_are_clear_errors(tmp_path):
 
 
 def test_newer_format_version_is_refused(tmp_path):
-    from gram_plugin.prompts import save_tensors
+    from gram_plugin.safeio import save_tensors
 
     save_tensors(tmp_path / "f.safetensors", {"ctx": torch.zeros(2)}, {"names": ["ctx"], "format_version": 99})
     with pytest.raises(PromptInitError, match="format version 99"):
