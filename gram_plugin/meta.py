@@ -1,19 +1,9 @@
-"""Bi-level meta-learning of a prompt initialisation, optionally with GRAM's gradient regulator.
+"""The meta-training run loop: :class:`MetaPromptTrainer` drives :class:`~gram_plugin.metastep.MetaStep`.
 
-For each task t of a meta-batch (support S_t, query Q_t), starting from the shared prompt theta::
-
-    theta'_0 = theta
-    theta'_{j+1} = theta'_j - alpha * R_phi(grad L(theta'_j, S_t))        j = 0..k-1
-    meta-loss = mean_t L(theta'_k, Q_t)
-
-theta (outer lr lambda1) and phi (lambda2) take an Adam step on the meta-loss. ``first_order``
-detaches the inner gradients (FOMAML) but keeps R_phi in the graph, so the regulator still learns.
-With ``clip_gamma`` the meta-gradient is clipped to norm gamma before Adam (MAML + meta-gradient
-clipping, Kim & Ok). Without a regulator this is plain MAML(+clip).
-
-The inner loop is written with ``torch.autograd.grad`` on the prompt tensors, so any model works
-whose loss can be written as ``loss_fn(params, batch)``; :func:`module_loss` builds one for an
-``nn.Module`` with marked prompts via ``torch.func.functional_call``.
+The algorithm (inner adaptation, outer gradient) lives in :mod:`gram_plugin.metastep`; this module
+owns everything around it: the outer optimisers (Adam on theta with lr lambda1, on phi with
+lambda2), meta-gradient clipping (``clip_gamma``: MAML + meta-gradient clipping, Kim & Ok), what
+happens on a non-finite step, the distributed all-reduce, progress, logs, checkpoints and resume.
 
 Distributed: under an initialised ``torch.distributed`` group every rank draws the same meta-batch
 (same generator), computes its share of the tasks, and the meta-gradients are all-reduced, so the
@@ -22,29 +12,27 @@ result equals the single-process run up to float summation order.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import math
 import os
 import shutil
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .prompts import PromptInit, prompt_parameters, strip_wrapper_prefix
-from .safeio import CheckpointError, load_tensors, save_tensors
+from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
+from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
-from .scale import checkpointed_grad
+from .safeio import CheckpointError, load_tensors, save_tensors
 from .tasks import Task, TaskSource
 from .transforms import clip_meta, global_norm
 
-LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+__all__ = ["MetaConfig", "MetaPromptTrainer", "MetaTrainingError", "module_loss", "LossFn", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_KIND = "meta-checkpoint"
@@ -96,51 +84,12 @@ class MetaConfig:
             raise ValueError("invalid MetaConfig: " + "; ".join(problems))
 
 
-def module_loss(module: nn.Module, loss_on_batch: Callable[[nn.Module, Any], torch.Tensor]) -> LossFn:
-    """Turn ``loss_on_batch(module, batch)`` into ``loss_fn(params, batch)``.
-
-    The module's marked prompt parameters are replaced by ``params`` for the duration of the call
-    (``torch.func.functional_call``), so fast weights of the inner loop flow through the module's
-    own forward code, whatever it is.
-    """
-    real_names = {strip_wrapper_prefix(n): n for n, _ in module.named_parameters()}
-
-    class _Call(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = module
-
-        def forward(self, batch):
-            return loss_on_batch(self.inner, batch)
-
-    wrapper = _Call()
-
-    def loss_fn(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        mapped = {"inner." + real_names[n]: t for n, t in params.items()}
-        return torch.func.functional_call(wrapper, mapped, (batch,), strict=False, tie_weights=False)
-
-    return loss_fn
-
-
 def _dist_info() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _cosine(a: Mapping[str, torch.Tensor | None], b: Mapping[str, torch.Tensor | None]) -> float:
-    num, na, nb = 0.0, 0.0, 0.0
-    for n, x in a.items():
-        y = b.get(n)
-        if x is None or y is None:
-            continue
-        x, y = x.detach().double(), y.detach().double()
-        num += float((x * y).sum())
-        na += float((x * x).sum())
-        nb += float((y * y).sum())
-    return num / math.sqrt(na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 class MetaPromptTrainer:
@@ -154,6 +103,9 @@ class MetaPromptTrainer:
         config: :class:`MetaConfig`.
         run_dir: where checkpoints and logs go (CSV ``log.csv``; ``tensorboard=True`` for TB events).
         metadata: extra ``PromptInit`` metadata (backbone, n_ctx, ...).
+
+    ``self.meta_step`` is the algorithm (:class:`~gram_plugin.metastep.MetaStep`); this class is
+    the loop around it.
     """
 
     def __init__(
@@ -166,7 +118,7 @@ class MetaPromptTrainer:
         metadata: Mapping[str, Any] | None = None,
         tensorboard: bool = False,
     ):
-        self.config = config or MetaConfig()
+        self.config = cfg = config or MetaConfig()
         self.loss_fn = loss_fn
         if isinstance(params, nn.Module):
             self.params: "OrderedDict[str, torch.Tensor]" = prompt_parameters(params)
@@ -186,152 +138,90 @@ class MetaPromptTrainer:
             unknown = [n for n in regulator.shapes if n not in self.params]
             if unknown:
                 raise ValueError(f"regulator has heads for parameters that are not meta-learned: {unknown}")
-        self.theta_opt = torch.optim.Adam(list(self.params.values()), lr=self.config.outer_lr)
-        self.phi_opt = (
-            torch.optim.Adam(regulator.parameters(), lr=self.config.regulator_lr) if regulator is not None else None
-        )
-        self._clip = clip_meta(self.config.clip_gamma) if self.config.clip_gamma else None
+        self.meta_step = MetaStep(loss_fn, regulator, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+                                  first_order=cfg.first_order, checkpoint_inner=cfg.checkpoint_inner,
+                                  track_alignment=cfg.track_alignment)
+        self.theta_opt = torch.optim.Adam(list(self.params.values()), lr=cfg.outer_lr)
+        self.phi_opt = torch.optim.Adam(regulator.parameters(), lr=cfg.regulator_lr) if regulator is not None else None
+        self._clip = clip_meta(cfg.clip_gamma) if cfg.clip_gamma else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.metadata = dict(metadata or {})
         self.tensorboard = tensorboard
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.skipped_steps: list[int] = []
         self.history: list[dict] = []
 
-    # -- the inner loop ----------------------------------------------------------------------
-    def _attention_context(self, create_graph: bool):
-        # Fused attention kernels have no double backward; the math kernel does.
-        if not create_graph:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-
-    def adapt(
-        self,
-        params: Mapping[str, torch.Tensor],
-        support: Any,
-        steps: int | None = None,
-        create_graph: bool | None = None,
-        _first: dict | None = None,
-    ) -> "OrderedDict[str, torch.Tensor]":
-        """k regulated inner steps from ``params`` on ``support``; returns the fast weights.
-
-        ``create_graph`` defaults to ``not first_order``. With a regulator the result is always
-        differentiable in phi.
-        """
-        cfg = self.config
-        steps = cfg.inner_steps if steps is None else steps
-        create_graph = (not cfg.first_order) if create_graph is None else create_graph
-        fast = OrderedDict(params)
-        for j in range(steps):
-            if create_graph and cfg.checkpoint_inner:
-                loss, grads = checkpointed_grad(self.loss_fn, fast, support)
-                grads = OrderedDict((n, grads[n]) for n in fast)
-            else:
-                loss = self.loss_fn(fast, support)
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph, allow_unused=True)
-                grads = OrderedDict(zip(fast.keys(), grads))
-            bad = [n for n, g in grads.items() if g is not None and not torch.isfinite(g).all()]
-            if bad or not torch.isfinite(loss):
-                raise _NonFinite(f"inner step {j}: non-finite support loss/gradient in {bad or 'loss'}")
-            if _first is not None and j == 0:
-                _first["loss"] = loss.detach()
-                _first["grads"] = {n: (None if g is None else g.detach()) for n, g in grads.items()}
-            if self.regulator is not None:
-                grads = self.regulator.regulate(grads)
-                if _first is not None and j == 0:
-                    _first["regulated"] = {n: (None if g is None else g.detach()) for n, g in grads.items()}
-            fast = OrderedDict(
-                (n, p if grads[n] is None else p - cfg.inner_lr * grads[n]) for n, p in fast.items()
-            )
-        return fast
+    # -- the algorithm, through the meta-step --------------------------------------------------
+    def adapt(self, params: Mapping[str, torch.Tensor], support: Any, steps: int | None = None,
+              create_graph: bool | None = None) -> "OrderedDict[str, torch.Tensor]":
+        """k regulated inner steps from ``params`` on ``support``; returns the fast weights."""
+        adapted = self.meta_step.adapt(params, support, steps=steps, create_graph=create_graph)
+        if adapted.nonfinite is not None:
+            raise MetaTrainingError(adapted.nonfinite)
+        return adapted.fast
 
     def task_losses(self, task: Task) -> dict:
         """Forward one task: adapted query loss (in the graph) and diagnostics."""
-        cfg = self.config
-        first: dict = {}
-        with self._attention_context(not cfg.first_order):
-            fast = self.adapt(self.params, task.support, _first=first)
-        # The query loss is differentiated once only, so it may use the fused attention kernels.
-        query_loss = self.loss_fn(fast, task.query)
-        out = {"query_loss": query_loss, "support_loss": first.get("loss")}
-        if cfg.track_alignment:
-            q = self.loss_fn(self.params, task.query)
-            gq = torch.autograd.grad(q, list(self.params.values()), allow_unused=True)
-            gq = dict(zip(self.params.keys(), gq))
-            out["align_raw"] = _cosine(first["grads"], gq)
-            if "regulated" in first:
-                out["align_regulated"] = _cosine(first["regulated"], gq)
-        return out
+        out = self.meta_step.task_loss(self.params, task)
+        if out.nonfinite is not None:
+            raise MetaTrainingError(out.nonfinite)
+        d = {"query_loss": out.query_loss, "support_loss": out.support_loss}
+        d.update({k: v for k, v in (("align_raw", out.align_raw), ("align_regulated", out.align_regulated)) if v is not None})
+        return d
 
-    # -- the outer loop ----------------------------------------------------------------------
-    def _meta_parameters(self) -> list[torch.Tensor]:
-        ps = list(self.params.values())
-        if self.regulator is not None:
-            ps += list(self.regulator.parameters())
-        return ps
+    @torch.no_grad()
+    def evaluate(self, tasks: list[Task], steps: int | None = None) -> dict:
+        """Mean query loss before and after adaptation (no meta-update)."""
+        return self.meta_step.evaluate(self.params, tasks, steps=steps)
+
+    # -- one outer step ----------------------------------------------------------------------
+    def _zero_grad(self) -> None:
+        self.theta_opt.zero_grad(set_to_none=True)
+        if self.phi_opt is not None:
+            self.phi_opt.zero_grad(set_to_none=True)
+
+    def _phi_grads(self) -> dict:
+        return {k: p.grad for k, p in self.regulator.named_parameters()} if self.regulator is not None else {}
 
     def outer_step(self, tasks: list[Task]) -> dict:
         """One meta-update from a meta-batch of tasks (this rank's share under torch.distributed)."""
         cfg = self.config
         rank, world = _dist_info()
-        self.theta_opt.zero_grad(set_to_none=True)
-        if self.phi_opt is not None:
-            self.phi_opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         n = len(tasks)
-        sums = {"meta_loss": 0.0, "support_loss": 0.0, "align_raw": 0.0, "align_regulated": 0.0, "nonfinite": 0.0}
-        nonfinite = None
-        for i in range(rank, n, world):
-            try:
-                out = self.task_losses(tasks[i])
-            except _NonFinite as e:
-                nonfinite = f"task {i}: {e}"
-                sums["nonfinite"] = 1.0
-                break
-            # backward per task: the graph of one task is freed before the next is built
-            (out["query_loss"] / n).backward()
-            sums["meta_loss"] += float(out["query_loss"].detach())
-            sums["support_loss"] += float(out["support_loss"]) if out["support_loss"] is not None else 0.0
-            for k in ("align_raw", "align_regulated"):
-                if k in out:
-                    sums[k] += out[k]
+        stats = self.meta_step.accumulate_gradients(self.params, tasks[rank::world], scale=1.0 / n)
+        nonfinite = stats.nonfinite
         if world > 1:
-            self._all_reduce(sums)  # every rank learns if any rank saw a non-finite value
-            if sums["nonfinite"] and nonfinite is None:
+            stats = self._all_reduce(stats)  # every rank learns if any rank saw a non-finite value
+            if stats.nonfinite and nonfinite is None:
                 nonfinite = "non-finite inner gradient on another rank"
         grads_theta = {name: p.grad for name, p in self.params.items()}
         if nonfinite is None:
-            bad = [k for k, g in grads_theta.items() if g is not None and not torch.isfinite(g).all()]
-            if self.regulator is not None:
-                bad += [f"regulator.{k}" for k, p in self.regulator.named_parameters()
-                        if p.grad is not None and not torch.isfinite(p.grad).all()]
-            if bad or not math.isfinite(sums["meta_loss"]):
+            bad = nonfinite_names(grads_theta) + [f"regulator.{k}" for k in nonfinite_names(self._phi_grads())]
+            if bad or not math.isfinite(stats.meta_loss):
                 nonfinite = f"non-finite meta-gradient in {bad or 'meta-loss'}"
+        step = self.step + 1
         record = {
-            "step": self.step + 1,
-            "meta_loss": sums["meta_loss"] / n,
-            "support_loss": sums["support_loss"] / n,
+            "step": step,
+            "meta_loss": stats.meta_loss / n,
+            "support_loss": stats.support_loss / n,
             "grad_norm_theta": float(global_norm(grads_theta)),
             "skipped": 0,
         }
         if self.regulator is not None:
-            record["grad_norm_phi"] = float(global_norm({k: p.grad for k, p in self.regulator.named_parameters()}))
+            record["grad_norm_phi"] = float(global_norm(self._phi_grads()))
         if cfg.track_alignment:
-            record["align_raw"] = sums["align_raw"] / n
+            record["align_raw"] = stats.align_raw / n
             if self.regulator is not None:
-                record["align_regulated"] = sums["align_regulated"] / n
+                record["align_regulated"] = stats.align_regulated / n
         if nonfinite is not None:
-            msg = f"outer step {self.step + 1}: {nonfinite}"
             if cfg.on_nonfinite == "raise":
-                raise MetaTrainingError(msg + " (set on_nonfinite='skip' to drop such steps)")
-            self.skipped_steps.append(self.step + 1)
+                raise MetaTrainingError(f"outer step {step}: {nonfinite} (set on_nonfinite='skip' to drop such steps)")
+            self._zero_grad()
+            self.skipped_steps.append(step)
+            self.step = step
             record["skipped"] = 1
-            self.theta_opt.zero_grad(set_to_none=True)
-            if self.phi_opt is not None:
-                self.phi_opt.zero_grad(set_to_none=True)
-            self.step += 1
             return record
         if self._clip is not None:
             self._clip_in_place(self.params)
@@ -340,7 +230,7 @@ class MetaPromptTrainer:
         self.theta_opt.step()
         if self.phi_opt is not None:
             self.phi_opt.step()
-        self.step += 1
+        self.step = step
         return record
 
     def _clip_in_place(self, named: Mapping[str, torch.Tensor]) -> None:
@@ -349,21 +239,25 @@ class MetaPromptTrainer:
             if p.grad is not None:
                 p.grad.copy_(clipped[k])
 
-    def _all_reduce(self, sums: dict) -> None:
+    def _all_reduce(self, stats: StepStats) -> StepStats:
         import torch.distributed as dist
 
-        for p in self._meta_parameters():
+        for p in self.meta_step.meta_parameters(self.params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-        keys = sorted(sums)
+        keys = ("meta_loss", "support_loss", "align_raw", "align_regulated")
         # on the prompts' device: an NCCL-only process group cannot all-reduce CPU tensors
         device = next(iter(self.params.values())).device
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+        t = torch.tensor([getattr(stats, k) for k in keys] + [float(stats.nonfinite is not None)],
+                         dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        for k, v in zip(keys, t.tolist()):
-            sums[k] = v
+        values = t.tolist()
+        reduced = StepStats(**dict(zip(keys, values[:-1])), tasks=stats.tasks)
+        reduced.nonfinite = stats.nonfinite or ("on another rank" if values[-1] else None)
+        return reduced
 
+    # -- the loop ----------------------------------------------------------------------------
     def sample_meta_batch(self, source: TaskSource) -> list[Task]:
         return [source.sample(self.generator) for _ in range(self.config.meta_batch_size)]
 
@@ -444,17 +338,6 @@ class MetaPromptTrainer:
             init.metadata["regulator_config"] = self.regulator.to_config()
         return init
 
-    @torch.no_grad()
-    def evaluate(self, tasks: list[Task], steps: int | None = None) -> dict:
-        """Mean query loss before and after adaptation (no meta-update)."""
-        pre, post = [], []
-        for task in tasks:
-            pre.append(float(self.loss_fn(self.params, task.query)))
-            with torch.enable_grad():
-                fast = self.adapt(self.params, task.support, steps=steps, create_graph=False)
-            post.append(float(self.loss_fn({n: t.detach() for n, t in fast.items()}, task.query)))
-        return {"query_loss_before": sum(pre) / len(pre), "query_loss_after": sum(post) / len(post)}
-
     # -- checkpoints -------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
         try:
@@ -464,7 +347,7 @@ class MetaPromptTrainer:
             probe.unlink()
         except OSError as e:
             raise MetaTrainingError(f"run folder {self.run_dir} is not writable: {e}") from None
-        need = 4 * sum(p.numel() * 4 for p in self._meta_parameters()) + (1 << 20)
+        need = 4 * sum(p.numel() * 4 for p in self.meta_step.meta_parameters(self.params)) + (1 << 20)
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
             raise MetaTrainingError(f"run folder {self.run_dir}: {free} bytes free, checkpoints need about {need}")
@@ -493,8 +376,7 @@ class MetaPromptTrainer:
         """Atomic (temp file + rename): an interrupted write never replaces a good checkpoint."""
         path = Path(path) if path is not None else self.run_dir / CHECKPOINT_NAME
         tensors, meta = self.state_tensors()
-        save_tensors(path, tensors, meta, kind=CHECKPOINT_KIND)
-        return path
+        return save_tensors(path, tensors, meta, kind=CHECKPOINT_KIND)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         tensors, meta = load_tensors(path, what="meta-training checkpoint", error=CheckpointError, kind=CHECKPOINT_KIND)
@@ -523,10 +405,6 @@ class MetaPromptTrainer:
         self.generator.set_state(tensors["rng/generator"])
         self.step = int(meta["step"])
         self.skipped_steps = list(meta.get("skipped_steps", []))
-
-
-class _NonFinite(Exception):
-    pass
 
 
 class _RunLogger:
