@@ -22,6 +22,11 @@ Peak memory: each variant runs once in a fresh subprocess; the figure is the pea
 told to serve big blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves the RSS.
 
     python3 benchmarks/bench_meta_step.py --classes 4 --k 1 --tasks 4 --repeats 3
+
+On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()`` and the peak
+memory is CUDA's (``torch.cuda.max_memory_allocated`` during one step, minus the allocation before
+it), measured in this process. ``--model ViT-B-16`` has the same text tower as ViT-B-32 (width 512,
+12 layers); only the image tower differs, and it is not part of the meta-step.
 """
 
 from __future__ import annotations
@@ -56,14 +61,16 @@ def build(args):
 
     import open_clip
 
-    from gram_plugin.backbones import OpenCLIPBackbone
+    from gram_plugin.backbones import OpenCLIPBackbone, tiny_openclip
     from gram_plugin.models import PromptedCLIP
 
     logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights" is intended here
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32")
-    backbone = OpenCLIPBackbone(clip)
-    model = PromptedCLIP(backbone, "coop", n_ctx=args.n_ctx, ctx_init=None)
+    if args.model == "tiny":  # a small random CLIP, for quick dry runs of this script
+        backbone = tiny_openclip()
+    else:
+        backbone = OpenCLIPBackbone(open_clip.create_model(args.model))
+    model = PromptedCLIP(backbone, "coop", n_ctx=args.n_ctx, ctx_init=None).to(args.device)
     g = torch.Generator().manual_seed(1)
     names = [f"{CLASSNAMES[i % len(CLASSNAMES)]} {i // len(CLASSNAMES)}".strip(" 0") for i in range(max(args.classes * 2, 20))]
     tasks = []
@@ -73,7 +80,8 @@ def build(args):
 
         def batch(n):
             labels = torch.arange(n) % args.classes
-            return {"features": torch.randn(n, backbone.embed_dim, generator=g), "labels": labels, "classnames": cls}
+            feats = torch.randn(n, backbone.embed_dim, generator=g)
+            return {"features": feats.to(args.device), "labels": labels.to(args.device), "classnames": cls}
 
         tasks.append(Task(batch(args.shots * args.classes), batch(args.shots * args.classes)))
     return model, tasks
@@ -132,6 +140,28 @@ def measure_memory(args) -> int:
     return _status("VmHWM") - base
 
 
+def synchronized(fn, device):
+    """``fn`` followed by a wait for the device's queued work, so that timers see the whole step."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    return call
+
+
+def cuda_peak(fn) -> int:
+    """Peak CUDA memory allocated during one call of ``fn``, above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def memory_in_subprocess(variant, argv) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", variant], env=env,
@@ -148,6 +178,8 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=2, help="support and query images per class")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights), or tiny")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -160,17 +192,22 @@ def main(argv=None):
 
     variants = args.variants.split(",")
     model, tasks = build(args)
-    fns = {v: make_variant(v, model, tasks, args) for v in variants}
+    fns = {v: synchronized(make_variant(v, model, tasks, args), args.device) for v in variants}
     for v in variants:  # warm-up: first-call allocations and lazy initialisation
         fns[v]()
     times, cpu = interleaved(fns, args.repeats)
     med, med_cpu = medians(times), medians(cpu)
-    fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads")]
-    mem = {} if args.no_memory else {v: memory_in_subprocess(v, fwd_argv) for v in variants}
+    if args.no_memory:
+        mem = {}
+    elif torch.device(args.device).type == "cuda":
+        mem = {v: cuda_peak(fns[v]) for v in variants}
+    else:
+        fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                    if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads", "model")]
+        mem = {v: memory_in_subprocess(v, fwd_argv) for v in variants}
 
-    print(f"\nclasses={args.classes} n_ctx={args.n_ctx} k={args.k} tasks={args.tasks} shots={args.shots} "
-          f"threads={args.threads} torch={torch.__version__}")
+    print(f"\nmodel={args.model} device={args.device} classes={args.classes} n_ctx={args.n_ctx} k={args.k} "
+          f"tasks={args.tasks} shots={args.shots} threads={args.threads} torch={torch.__version__}")
     print(f"{'variant':10s} {'median s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
     for v in variants:
         print(f"{v:10s} {med[v]:9.2f} {med_cpu[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f}")
@@ -182,9 +219,11 @@ def main(argv=None):
                     ratios[f"{v}/plain {tag}"] = m[v] / m["plain"]
         if "higher2" in m and "meta2" in m:
             ratios[f"higher2/meta2 {tag} (speed-up)"] = m["higher2"] / m["meta2"]
-    if "higher2" in med and "meta2" in med:
-        if mem:
+    if mem and "meta2" in mem:
+        if "higher2" in mem:
             ratios["meta2/higher2 peak memory"] = mem["meta2"] / mem["higher2"]
+        if "plain" in mem:
+            ratios["meta2/plain peak memory"] = mem["meta2"] / mem["plain"]
     for k, v in ratios.items():
         print(f"{k:36s} {v:6.3f}")
     if args.json:
