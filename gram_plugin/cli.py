@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backbones import build_backbone
 from .paths import inside_run_dir
 
 
@@ -72,21 +73,6 @@ class Run:
 
 
 # -- building blocks ---------------------------------------------------------------------------------
-def build_backbone(spec: str):
-    """``proxy`` / ``proxy:DIR`` (offline MiniLM + CNN proxy CLIP: the shipped build, or a built folder),
-    ``tiny`` / ``tiny:SEED`` (random tiny CLIP), or ``MODEL:PRETRAINED`` (open_clip tag or weights file)."""
-    from .backbones import OpenCLIPBackbone, tiny_openclip
-
-    kind, _, rest = spec.partition(":")
-    if kind == "proxy":
-        from .proxy import load_proxy
-
-        return load_proxy(rest or None)
-    if kind == "tiny":
-        return tiny_openclip(int(rest) if rest else 0)
-    return OpenCLIPBackbone(kind, pretrained=rest or None)
-
-
 def prepare_data(args, backbone, run: Run):
     """Base/new train/test splits, with cached features when only text prompts are learned."""
     from .cache import FeatureCache
@@ -184,15 +170,19 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     backbone = build_backbone(args.backbone)
     data = prepare_data(args, backbone, run)
+    from .finetune import evaluate_base_new
+
+    # the handcrafted prompt ("a photo of a {class}."), untuned: what tuning should not lose on new classes
+    zero_shot = evaluate_base_new(build_model(args, backbone), data["base_test"], data["new_test"], data["all_test"])
     init, meta_hist = meta_train(args, backbone, data, run, method="gram")
     init.save(run.path("init.safetensors"), overwrite=True)
     _, gram_hist, gram_final, gram_prompt = tune_and_eval(args, backbone, data, run, init=init, label="gram")
     _, coop_hist, coop_final, _ = tune_and_eval(args, backbone, data, run, init=None, label="coop")
     gram_prompt.save(run.path("prompt.safetensors"), overwrite=True)
-    table = _table({"CoOp": coop_final, "CoOp+GRAM": gram_final})
+    table = _table({"zero-shot": zero_shot, "CoOp": coop_final, "CoOp+GRAM": gram_final})
     print(table)
     run.log("results (accuracy %, held-out images):\n" + table)
-    metrics = {"final": {"coop": coop_final, "coop+gram": gram_final},
+    metrics = {"final": {"zero-shot": zero_shot, "coop": coop_final, "coop+gram": gram_final},
                "per_epoch": {"coop": coop_hist, "coop+gram": gram_hist},
                "meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in meta_hist],
                "backbone": backbone.name, "data": args.data, "seconds": time.perf_counter() - t0}
@@ -279,8 +269,9 @@ def _common(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--config", help="yaml file with option values (command-line flags win)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--backbone", default="proxy",
-                   help="proxy[:DIR] (offline pretrained-text proxy CLIP, the default), tiny[:SEED] (random tiny "
-                        "CLIP), or open_clip MODEL:PRETRAINED (tag or local weights file)")
+                   help="proxy (the default: offline ProxyCLIP v2, ImageNet EfficientNet-Lite0 + ConSE into "
+                        "MiniLM), proxy-v1[:DIR] (the earlier proxy), tiny[:SEED] (random tiny CLIP), or open_clip "
+                        "MODEL:PRETRAINED (tag or local weights file); see backbones.build_backbone")
     p.add_argument("--data", default="default", help="default | caltech101:ROOT | imagenet:ROOT | folder:ROOT")
     p.add_argument("--mode", default="coop", choices=["coop", "vpt", "unigram"])
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4)

@@ -128,30 +128,26 @@ class SmallCNN(nn.Module):
 # ----------------------------------------------------------------------------------------- backbone
 
 
-class ProxyCLIP(nn.Module):
-    """Backbone-protocol CLIP stand-in: frozen MiniLM text tower + a small CNN image tower."""
+class MiniLMTextCLIP(nn.Module):
+    """The text half every proxy CLIP shares: frozen all-MiniLM-L6-v2 with CoOp soft prompts.
+
+    Subclasses add an image tower (``encode_image``, ``preprocess``, ``logit_scale``, ``name``).
+    """
 
     ctx_dim = 384
     embed_dim = 384
-    vision_width = None  # visual prompts unsupported (CNN image tower)
+    vision_width = None  # no token sequence in the image tower to prompt (VPT/UNIGRAM unsupported)
     vision_layers = 0
 
-    def __init__(self, image_size: int = 64, widths=(32, 64, 128, 256), weights_tag: str = "untrained"):
+    def __init__(self):
         super().__init__()
         self.tokenizer, self.text = load_text_tower()
-        self.visual = SmallCNN(self.embed_dim, tuple(widths))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned log temperature, as open_clip
-        self.image_size = int(image_size)
-        self._weights_tag = weights_tag
-        self.name = f"proxy-minilm-cnn{self.image_size}:{weights_tag}"
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """The multiplier of cosine logits (exp of the learned log scale), as in backbones.OpenCLIPBackbone."""
-        return self.log_scale.exp()
 
     def train(self, mode: bool = True):  # frozen towers: BatchNorm/dropout stay in eval mode during prompt tuning
         return super().train(False)
+
+    def weights_id(self) -> str:
+        return self.name
 
     # -- protocol: text
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -178,6 +174,33 @@ class ProxyCLIP(nn.Module):
         ids = self.tokenize(texts_or_ids) if not torch.is_tensor(texts_or_ids) else texts_or_ids
         return self.encode_text_embeddings(self.embed_tokens(ids), ids)
 
+    def class_text_features(self, classnames: list[str], templates=TEMPLATES) -> torch.Tensor:
+        """Template-ensembled, normalised text features (n_classes, embed_dim); no grad."""
+        with torch.no_grad():
+            feats = [self.encode_text([t.format(c) for c in classnames]) for t in templates]
+        return F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+    def zero_shot_logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        img = F.normalize(self.encode_image(images), dim=-1)
+        return self.logit_scale * img @ text_features.t()
+
+
+class ProxyCLIP(MiniLMTextCLIP):
+    """Proxy v1: frozen MiniLM text tower + a small CNN image tower trained here (``build``)."""
+
+    def __init__(self, image_size: int = 64, widths=(32, 64, 128, 256), weights_tag: str = "untrained"):
+        super().__init__()
+        self.visual = SmallCNN(self.embed_dim, tuple(widths))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned log temperature, as open_clip
+        self.image_size = int(image_size)
+        self._weights_tag = weights_tag
+        self.name = f"proxy-minilm-cnn{self.image_size}:{weights_tag}"
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine logits (exp of the learned log scale), as in backbones.OpenCLIPBackbone."""
+        return self.log_scale.exp()
+
     # -- protocol: image
     def encode_image(self, images: torch.Tensor, visual_prompts=None) -> torch.Tensor:
         if visual_prompts is not None:
@@ -188,19 +211,6 @@ class ProxyCLIP(nn.Module):
 
     def preprocess(self, pil_image) -> torch.Tensor:
         return pil_to_tensor(pil_image, self.image_size)
-
-    def weights_id(self) -> str:
-        return self.name
-
-    def class_text_features(self, classnames: list[str], templates=TEMPLATES) -> torch.Tensor:
-        """Template-ensembled, normalised text features (n_classes, embed_dim); no grad."""
-        with torch.no_grad():
-            feats = [self.encode_text([t.format(c) for c in classnames]) for t in templates]
-        return F.normalize(torch.stack(feats).mean(0), dim=-1)
-
-    def zero_shot_logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        img = F.normalize(self.encode_image(images), dim=-1)
-        return self.logit_scale * img @ text_features.t()
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -60,7 +60,7 @@ def test_clear_errors(tmp_path, capsys):
     bad.write_text("no_such_option: 1\n")
     assert main(["tune", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown options" in capsys.readouterr().err
-    assert main(["tune", "--out", str(tmp_path / "z"), "--backbone", f"proxy:{tmp_path / 'no-proxy'}", *FAST[:-2]]) == 2
+    assert main(["tune", "--out", str(tmp_path / "z"), "--backbone", f"proxy-v1:{tmp_path / 'no-proxy'}", *FAST[:-2]]) == 2
     assert "no built proxy" in capsys.readouterr().err
     assert main(["tune", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nowhere"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err
