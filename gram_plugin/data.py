@@ -314,3 +314,65 @@ class PerDatasetTasks:
     def describe(self) -> dict:
         return {"kind": "per-dataset", "datasets": [d.name for d in self.datasets], "shots": self.shots,
                 "k_support": self.k_support}
+
+
+# -- the shared real data sets (benchmarks, tests) ----------------------------------------------------
+def shared_data_dir(path: str | os.PathLike | None = None) -> Path:
+    """The folder holding the shared archives (caltech-101.tar, imagenet-mini.tar, hymenoptera.tar,
+    fashion-mnist-subset.npz): ``path`` if given, else ``$GRAM_SHARED_DATA``."""
+    chosen = path if path is not None else os.environ.get("GRAM_SHARED_DATA")
+    if not chosen:
+        raise DataError("no shared data folder: pass one (e.g. --data-dir DIR) or set GRAM_SHARED_DATA")
+    folder = Path(chosen)
+    if not folder.is_dir():
+        raise DataError(f"shared data folder {folder} does not exist")
+    return folder
+
+
+def data_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where archives are extracted: ``path``, else ``$GRAM_DATA_CACHE``, else ~/.cache/gram-plugin/data."""
+    return Path(path or os.environ.get("GRAM_DATA_CACHE") or Path.home() / ".cache" / "gram-plugin" / "data")
+
+
+def extract_archive(archive: str, data_dir: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """Extract ``<shared data>/<archive>`` once into ``<cache>/<archive stem>``; return that folder."""
+    import tarfile
+
+    src = shared_data_dir(data_dir) / archive
+    if not src.is_file():
+        raise DataError(f"no {archive} in {src.parent}")
+    dest = data_cache_dir(cache_dir) / archive.replace(".tar", "")
+    marker = dest / ".extracted"
+    if not marker.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(src) as tf:
+            tf.extractall(dest, filter="data")
+        marker.touch()
+    return dest
+
+
+def fashion_mnist(part: str = "test", data_dir=None, cache_dir=None, transform: Callable | None = None) -> ImageDataset:
+    """The Fashion-MNIST subset's ``train`` (300 per class) or ``test`` (100 per class) images, written
+    once as PNG files (28 px grey) so they load like any image folder; label order = the dataset's."""
+    import numpy as np
+
+    if part not in ("train", "test"):
+        raise DataError(f"part must be 'train' or 'test', got {part!r}")
+    src = shared_data_dir(data_dir) / "fashion-mnist-subset.npz"
+    if not src.is_file():
+        raise DataError(f"no fashion-mnist-subset.npz in {src.parent}")
+    arrays = np.load(src, allow_pickle=False)
+    names = [str(c).lower().replace("/", " or ") for c in arrays["classnames"]]
+    x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+    folder = data_cache_dir(cache_dir) / "fashion-mnist-subset" / part
+    paths = [folder / f"{i:05d}.png" for i in range(len(y))]
+    if not (folder / ".written").exists():
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for img, p in zip(x, paths):
+            Image.fromarray(img).save(p)
+        (folder / ".written").touch()
+    items = [Item(str(p), int(label)) for p, label in zip(paths, y)]
+    return ImageDataset(items, names, transform, f"fashion-mnist-{part}")
