@@ -12,22 +12,26 @@ the regulated step -- ``chain(prograd, regulate, clip)`` -- as a step pre-hook o
 optimiser, so fp16, fp32 and amp (after unscaling) are all caught. With ``prograd`` it also wraps
 ``forward_backward`` to supply the zero-shot gradient. Trainers without a registered adapter are
 wrapped by naming their prompt parameters: ``wrap(trainer, params=[...])`` or ``pattern=...``.
+
+Importing this package imports every module in it, so every trainer adapter (one file each,
+registered with :func:`register_adapter`) is known after ``import gram_plugin.adapters``: adding a
+trainer is one new file.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 
-from gram_plugin.hooks import GradientHook, install_gradient_transform
+from gram_plugin.hooks import install_gradient_transform
 from gram_plugin.prompts import PromptInit, PromptInitError
 from gram_plugin.regulator import GradientRegulator
 from gram_plugin.transforms import chain, clip_meta, prograd as prograd_transform, regulate
 
-from . import cocoop, coop  # noqa: F401  (registers the adapters)
 from .base import AdapterError, DasslAdapter, GenericAdapter, adapter_for, register_adapter, supported_trainers
 from .config import add_gram_cfg, options_from_cfg
 from .prograd import wrap_forward_backward
@@ -45,6 +49,10 @@ __all__ = [
 ]
 
 _FROM_CFG = object()
+
+# every adapter file registers its trainers on import (PEFT's register_peft_method is the model)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 @dataclass
@@ -90,20 +98,31 @@ def _load_init(init) -> PromptInit:
     raise TypeError(f"init must be a path or a PromptInit, got {type(init).__name__}")
 
 
-def _resolve_regulator(regulator, init: Optional[PromptInit]) -> Optional[GradientRegulator]:
+def _resolve_regulator(regulator, init: Optional[PromptInit], init_arg) -> Optional[GradientRegulator]:
     if regulator is None or regulator is False:
         return None
     if isinstance(regulator, GradientRegulator):
         return regulator
-    if regulator == "init":
-        return GradientRegulator.from_init(init) if init is not None else None
+    if regulator is True or regulator == "init":
+        reg = GradientRegulator.from_init(init) if init is not None else None
+        if reg is None and regulator is True:  # asked for explicitly: its absence is an error
+            if init is None:
+                raise PromptInitError("regulator=True uses the regulator saved with the init, but no init was given (pass init=...)")
+            raise PromptInitError(
+                f"regulator=True uses the regulator saved with the init, but the init {init_arg} holds none: "
+                "meta-train with a regulator (gram-plugin meta-train --regulator), or pass regulator=None"
+            )
+        return reg
     if isinstance(regulator, (str, os.PathLike, PromptInit)):
         source = _load_init(regulator)
         reg = GradientRegulator.from_init(source)
         if reg is None:
             raise PromptInitError(f"regulator: {regulator} holds no regulator")
         return reg
-    raise TypeError(f"regulator must be a GradientRegulator, a PromptInit/path, 'init' or None; got {type(regulator).__name__}")
+    raise TypeError(
+        f"regulator must be True / 'init' (the init's regulator), a GradientRegulator, a PromptInit/path "
+        f"holding one, or None; got {type(regulator).__name__}"
+    )
 
 
 def _renamed(init: PromptInit, params: dict, aliases: dict) -> PromptInit:
@@ -151,8 +170,9 @@ def wrap(
     Args:
         trainer: the object ``build_trainer(cfg)`` returned.
         init: ``PromptInit`` or path to its ``.safetensors``; swapped into the prompts in place.
-        regulator: ``"init"`` (default: the regulator saved with ``init``, if any), a
-            ``GradientRegulator``, a path / ``PromptInit`` holding one, or ``None``.
+        regulator: ``"init"`` (default: the regulator saved with ``init``, if any), ``True`` (the
+            regulator saved with ``init``; an error if it holds none), a ``GradientRegulator``, a
+            path / ``PromptInit`` holding one, or ``None``.
         prograd: ProGrad lambda (``True`` = 1.0), or ``None`` for no projection.
         clip: clip the prompt gradients' global L2 norm at this value after regulation.
         params / pattern: prompt parameter names or regex, for trainers without an adapter
@@ -163,6 +183,9 @@ def wrap(
 
     Called with none of ``init/regulator/prograd/clip``, the settings come from
     ``trainer.cfg.GRAM`` (see :func:`add_gram_cfg`); with ``GRAM.ENABLED False`` nothing is changed.
+
+    All-or-nothing: the init's fit, the regulator, ProGrad's teacher and the optimisers are all
+    checked before any parameter, optimiser or method of the trainer is touched.
     """
     previous = getattr(trainer, "_gram_wrap", None)
     if previous is not None:
@@ -189,6 +212,7 @@ def wrap(
     lam = 1.0 if lam is True else (None if lam is False else lam)
     gamma = explicit.get("clip")
 
+    # Everything is checked before anything is touched: a failed wrap leaves the trainer as it was.
     if adapter is None:
         if params is not None or pattern is not None:
             adapter = GenericAdapter(trainer, names=params, pattern=pattern, teacher=teacher)
@@ -211,40 +235,42 @@ def wrap(
         if float(lam) < 0:
             raise ValueError(f"prograd lambda must be >= 0, got {lam}")
 
-    handle = GramWrap(trainer, adapter, prompts)
     loaded = None
     if init is not None:
-        loaded = _load_init(init)
-        aliases = {**adapter.init_aliases, **(rename or {})}
-        loaded = _renamed(loaded, prompts, aliases)
-        handle.init_names = loaded.apply_to(prompts, backbone=backbone, strict=strict)
+        loaded = _renamed(_load_init(init), prompts, {**adapter.init_aliases, **(rename or {})})
+        problems = loaded.check_against(prompts, backbone=backbone, strict=strict)
+        if problems:
+            raise PromptInitError("init does not fit the model:\n  - " + "\n  - ".join(problems))
 
-    reg = _resolve_regulator(regulator, loaded)
+    reg = _resolve_regulator(regulator, loaded, init)
     steps = []
     if lam is not None:
         steps.append(prograd_transform(float(lam)))
     if reg is not None:
-        covered = [n for n in prompts if reg.has_head(n)]
-        if not covered:
+        if not any(reg.has_head(n) for n in prompts):
             raise AdapterError(f"the regulator has heads for {list(reg.shapes)}, none of which is a prompt of this trainer: {list(prompts)}")
-        device = next(iter(prompts.values())).device
-        reg = reg.to(device).eval().requires_grad_(False)
+        reg = reg.to(next(iter(prompts.values())).device).eval().requires_grad_(False)
         steps.append(regulate(reg))
-        handle.regulator = reg
     if gamma:
         steps.append(clip_meta(float(gamma)))
+    optimizers = []
+    if steps:
+        for opt in adapter.optimizers():
+            owned = {id(p) for g in opt.param_groups for p in g["params"]}
+            if any(id(p) in owned for p in prompts.values()):
+                optimizers.append(opt)
+        if not optimizers:
+            raise AdapterError(f"no registered optimiser of {type(trainer).__name__} owns the prompt parameters {list(prompts)}")
+
+    # -- all checked: act
+    handle = GramWrap(trainer, adapter, prompts, regulator=reg)
+    if loaded is not None:
+        handle.init_names = loaded.apply_to(prompts, backbone=backbone, strict=strict)
     trainer._gram_wrap = handle
     if not steps:
         return handle
-
     handle.transform = steps[0] if len(steps) == 1 else chain(*steps)
-    for opt in adapter.optimizers():
-        owned = {id(p) for g in opt.param_groups for p in g["params"]}
-        if any(id(p) in owned for p in prompts.values()):
-            handle.hooks.append(install_gradient_transform(opt, prompts, handle.transform))
-    if not handle.hooks:
-        del trainer._gram_wrap
-        raise AdapterError(f"no registered optimiser of {type(trainer).__name__} owns the prompt parameters {list(prompts)}")
+    handle.hooks = [install_gradient_transform(opt, prompts, handle.transform) for opt in optimizers]
     if lam is not None:
         wrap_forward_backward(trainer, adapter, handle.hooks, prompts)
     return handle

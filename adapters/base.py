@@ -1,6 +1,10 @@
-"""Adapter base class and registry: what the plug-in needs to know about one Dassl trainer.
+"""Adapter base class and registry: everything the plug-in needs to know about one Dassl trainer.
 
-An adapter answers three questions about a built trainer (``trainer = build_trainer(cfg)``):
+One file per trainer subclasses :class:`DasslAdapter` and registers it by trainer class name
+(``@register_adapter("CoOp")``); ``import gram_plugin.adapters`` imports every such file, so the
+registry is complete after that one import (as ``import peft`` fills PEFT's method registry).
+Nothing trainer-specific lives anywhere else. An adapter answers, for a built trainer
+(``trainer = build_trainer(cfg)``):
 
 1. **Which parameters are the prompts?** :meth:`DasslAdapter.prompt_parameters` returns
    ``{name: param}`` for the parameters of ``trainer.model`` that require gradients and match
@@ -8,23 +12,29 @@ An adapter answers three questions about a built trainer (``trainer = build_trai
    ``module.`` prefix stripped (``prompt_learner.ctx``), so an init saved on one GPU layout loads on
    another. Select by ``requires_grad`` as well as by name: PromptSRC keeps a frozen zero-shot
    encoder inside ``prompt_learner``.
-2. **Which optimisers step them?** :meth:`DasslAdapter.optimizers` returns every optimiser registered
-   through ``register_model`` (``trainer._optims``). The regulated step is installed on each with
-   ``Optimizer.register_step_pre_hook`` (see :mod:`gram_plugin.hooks`), the one hook that catches
+2. **Which optimisers step them?** :meth:`optimizers`: every optimiser registered through
+   ``register_model`` (``trainer._optims``). The regulated step is installed on each with
+   ``Optimizer.register_step_pre_hook`` (:mod:`gram_plugin.hooks`), the one hook that catches
    ``model_backward_and_update``, a bare ``optim.step()`` and ``scaler.step(optim)`` (after unscaling).
-3. **For ProGrad: what are the prompted and the zero-shot logits of a training batch?**
-   :meth:`prompted_logits` and :meth:`zero_shot_logits`. The ProGrad wrapper
-   (:mod:`gram_plugin.adapters.prograd`) calls them inside the trainer's ``forward_backward`` to get
-   the general-knowledge gradient. An adapter without a zero-shot teacher leaves
-   :meth:`zero_shot_logits` raising ``NotImplementedError`` and ProGrad is refused for it.
+3. **How does the trainer compute its logits and its loss?** :meth:`model_logits` (the one place
+   that knows a CustomCLIP may return the *loss* while ``prompt_learner.training`` is set),
+   :meth:`prompted_logits`, and :meth:`method_loss` (what meta-training differentiates: CE by
+   default, PromptSRC's and KgCoOp's own terms in their files). ProGrad also needs
+   :meth:`zero_shot_logits`; an adapter without a teacher leaves it raising and ProGrad is refused.
+4. **Which state depends on the class names?** For meta-training across class sets
+   (:mod:`gram_plugin.adapters.meta`): :meth:`class_buffers` (the trainer's own),
+   :meth:`build_class_buffers` (the same for other classes, built the way the trainer's
+   ``__init__`` builds them) and :meth:`use_class_buffers`. The default covers a CoOp-style
+   ``prompt_learner`` (token prefix / suffix, tokenized prompts); adapters add their extras.
+5. **Its config node** :attr:`cfg_node` (``cfg.TRAINER.<cfg_node>``) and the :attr:`family` name used
+   in method names (``MP-CoOp``, ``GRAM-VPT``).
 
-Writing an adapter for another trainer (VPT, MaPLe, PromptSRC, ...)::
+Adding a trainer is one new file in ``adapters/`` (and its test)::
 
-    @register_adapter("MaPLe")
-    class MaPLeAdapter(DasslAdapter):
-        prompt_pattern = r"^prompt_learner\\."
-        def prompted_logits(self, images): ...      # only if ProGrad is wanted
-        def zero_shot_logits(self, images): ...
+    @register_adapter("KgCoOp")
+    class KgCoOpAdapter(CoOpAdapter):
+        family = "KgCoOp"
+        def method_loss(self, model, images, labels): ...
 
 Registration is by trainer class name; :func:`adapter_for` walks the trainer's class hierarchy, so a
 fork's ``class MyCoOp(CoOp)`` gets the CoOp adapter.
@@ -33,10 +43,12 @@ fork's ``class MyCoOp(CoOp)`` gets the CoOp adapter.
 from __future__ import annotations
 
 import re
+import sys
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gram_plugin.prompts import strip_wrapper_prefix
@@ -55,17 +67,26 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-class DasslAdapter:
-    """Base adapter: prompt parameters by name pattern, optimisers from ``register_model``.
+def trainer_module(trainer):
+    """The Python module that defines the trainer's class (its templates, ``load_clip_to_cpu``)."""
+    return sys.modules.get(type(trainer).__module__)
 
-    Subclasses set :attr:`prompt_pattern` (a regular expression searched in the prefix-free
-    parameter names of ``trainer.model``) and, for ProGrad, override :meth:`prompted_logits` and
-    :meth:`zero_shot_logits`. :meth:`prepare` runs once in ``wrap`` before the init is swapped in
-    (capture anything that the init would overwrite, e.g. a hand-crafted context for a teacher).
-    """
+
+class DasslAdapter:
+    """Base adapter: prompt parameters by name pattern, optimisers from ``register_model``, logits
+    and cross-entropy from ``trainer.model``, CoOp-style class buffers of ``model.prompt_learner``."""
 
     #: regular expression (``re.search``) selecting prompt parameters among trainable ones
     prompt_pattern: str = r"^prompt_learner\."
+    #: the trainer's yacs node under ``cfg.TRAINER`` (``"COOP"``), or ``None``
+    cfg_node: Optional[str] = None
+    #: the method's name in exported inits (``MP-<family>``, ``GRAM-<family>``); ``None``: meta-training
+    #: through this trainer is not supported
+    family: Optional[str] = None
+    #: the method name when a regulator is learned jointly (default ``GRAM-<family>``)
+    regulated_name: Optional[str] = None
+    #: ``CustomCLIP.forward`` returns the loss while ``prompt_learner.training`` is set
+    returns_loss_while_training: bool = False
     #: the trainer already projects gradients itself (ProGrad's own trainer): refuse a second ProGrad
     projects_itself: bool = False
     #: init tensor names accepted as aliases, e.g. ``{"ctx": "prompt_learner.ctx"}``
@@ -73,6 +94,9 @@ class DasslAdapter:
     #: ``trainer.model(images)`` returns the prompted logits while training (not the loss), so ProGrad
     #: takes G_g from the trainer's own forward instead of running a second one
     logits_from_own_forward: bool = False
+    #: the prompt learner uses ``CTX_INIT``'s words only when it has at most this many context
+    #: tokens (IVLP / MaPLe / PromptSRC: 4); ``None``: whenever ``CTX_INIT`` is set (CoOp, CoCoOp)
+    ctx_init_max_tokens: Optional[int] = None
 
     def __init__(self, trainer):
         if not hasattr(trainer, "model") or not isinstance(getattr(trainer, "model"), nn.Module):
@@ -83,6 +107,14 @@ class DasslAdapter:
     @property
     def model(self) -> nn.Module:
         return unwrap(self.trainer.model)
+
+    @property
+    def node(self):
+        """``trainer.cfg.TRAINER.<cfg_node>`` (``None`` when absent)."""
+        try:
+            return getattr(self.trainer.cfg.TRAINER, self.cfg_node)
+        except (AttributeError, TypeError):
+            return None
 
     def prompt_parameters(self) -> "OrderedDict[str, nn.Parameter]":
         rx = re.compile(self.prompt_pattern)
@@ -112,15 +144,34 @@ class DasslAdapter:
             raise AdapterError(f"{type(self.trainer).__name__} registered no optimiser (register_model(name, model, optim, sched))")
         return out
 
-    # -- 3. logits for ProGrad -----------------------------------------------------------------
+    # -- 3. logits and loss --------------------------------------------------------------------
     def parse_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of a training batch, on the trainer's device."""
         parsed = self.trainer.parse_batch_train(batch)
         return parsed[0], parsed[1]
 
+    def model_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``model`` (the trainer's CustomCLIP, or the same module under
+        ``functional_call``). Where the forward returns the loss while ``prompt_learner.training``
+        is set, that one flag is cleared for the call (not ``.eval()``: nothing else changes)."""
+        pl = getattr(model, "prompt_learner", None)
+        if not self.returns_loss_while_training or pl is None:
+            return model(images)
+        was = pl.training
+        pl.training = False
+        try:
+            return model(images)
+        finally:
+            pl.training = was
+
     def prompted_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the prompted model, differentiable in the prompt parameters."""
-        return self.trainer.model(images)
+        return self.model_logits(self.trainer.model, images)
+
+    def method_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss the trainer optimises, on ``model`` (its unwrapped CustomCLIP): cross-entropy of
+        its logits, in float32. Meta-training differentiates this through the fast weights."""
+        return F.cross_entropy(self.model_logits(model, images).float(), labels)
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no zero-shot teacher")
@@ -144,6 +195,76 @@ class DasslAdapter:
 
     def describe(self) -> dict:
         return {n: tuple(p.shape) for n, p in self.prompt_parameters().items()}
+
+    # -- 4. class-dependent state (meta-training across class sets) ----------------------------
+    def method_name(self, regulator: bool, clip_gamma=None) -> str:
+        """``GRAM-<family>`` (or :attr:`regulated_name`) with a regulator, else ``MP-<family>[+clip]``."""
+        family = self.meta_family()
+        if regulator:
+            return self.regulated_name or f"GRAM-{family}"
+        return f"MP-{family}" + ("+clip" if clip_gamma else "")
+
+    def meta_family(self) -> str:
+        if self.family is None:
+            supported = [n for n, a in _REGISTRY.items() if a.family is not None]
+            raise AdapterError(
+                f"meta-training through {type(self.trainer).__name__} is not supported ({type(self).__name__} does not "
+                f"say how the trainer builds its class-dependent buffers); supported: {', '.join(supported)}"
+            )
+        return self.family
+
+    @property
+    def prompt_learner(self) -> Optional[nn.Module]:
+        return getattr(self.model, "prompt_learner", None)
+
+    def check_meta_trainable(self) -> None:
+        """Raise when tasks with other class sets cannot share this trainer's prompts."""
+        self.meta_family()
+        pl = self.prompt_learner
+        if pl is not None and getattr(pl, "ctx", None) is not None and pl.ctx.dim() == 3:
+            raise AdapterError("class-specific context (CSC) has one context per class: it cannot be shared by tasks with other classes")
+
+    def class_buffers(self) -> dict:
+        """The trainer's own class-dependent state (what :meth:`use_class_buffers` restores)."""
+        pl = self.prompt_learner
+        if pl is None:
+            return {}
+        return {"token_prefix": pl.token_prefix, "token_suffix": pl.token_suffix,
+                "tokenized_prompts": pl.tokenized_prompts, "n_cls": pl.n_cls}
+
+    def prompt_prefix(self) -> str:
+        """The text before each class name in the prompt learner's prompts."""
+        n_ctx = self.prompt_learner.n_ctx
+        ctx_init = str(getattr(self.node, "CTX_INIT", "") or "")
+        if ctx_init and (self.ctx_init_max_tokens is None or n_ctx <= self.ctx_init_max_tokens):
+            return ctx_init.replace("_", " ")
+        return " ".join(["X"] * n_ctx)
+
+    @torch.no_grad()
+    def build_class_buffers(self, classnames: Sequence[str], clip_model, tokenize: Callable) -> dict:
+        """:meth:`class_buffers` for ``classnames``, built as the trainer's ``__init__`` builds them
+        from ``clip_model`` (frozen, prompt-free, the trainer's weights) and ``tokenize``."""
+        pl = self.prompt_learner
+        if pl is None:
+            return {}
+        own = self.class_buffers()
+        names = [c.replace("_", " ") for c in classnames]
+        tokenized = tokenize([self.prompt_prefix() + " " + n + "." for n in names])
+        emb = clip_model.token_embedding(tokenized.to(clip_model.token_embedding.weight.device))
+        device, dtype = own["token_prefix"].device, own["token_prefix"].dtype
+        return {"token_prefix": emb[:, :1, :].to(device, dtype), "token_suffix": emb[:, 1 + pl.n_ctx:, :].to(device, dtype),
+                "tokenized_prompts": tokenized.to(own["tokenized_prompts"].device), "n_cls": len(names)}
+
+    def use_class_buffers(self, state: dict) -> None:
+        """Put ``state`` (from :meth:`class_buffers` / :meth:`build_class_buffers`) into the model."""
+        pl = self.prompt_learner
+        if pl is None:
+            return
+        pl.token_prefix = state["token_prefix"]  # assignment to a registered buffer replaces it
+        pl.token_suffix = state["token_suffix"]
+        pl.tokenized_prompts = state["tokenized_prompts"]
+        pl.n_cls = state["n_cls"]
+        self.model.tokenized_prompts = state["tokenized_prompts"]
 
 
 class GenericAdapter(DasslAdapter):

@@ -5,7 +5,7 @@ Layout: ``prompt_learner.ctx`` ``(n_ctx, ctx_dim)`` and the Meta-Net
 half precision under ``PREC fp16``). Config node ``TRAINER.COCOOP``. Its ``forward_backward`` calls
 ``optim.zero_grad(); loss.backward(); optim.step()`` (or ``scaler.step``) directly, and the model
 returns the *loss* while ``prompt_learner.training`` is set, so the logits for ProGrad are taken
-with that one flag cleared (not ``.eval()``: nothing else changes).
+with that one flag cleared (``DasslAdapter.model_logits``).
 
 Zero-shot teacher: as for CoOp, the hand-crafted ``CTX_INIT`` context without the Meta-Net shift.
 """
@@ -19,14 +19,7 @@ from .coop import CoOpAdapter
 @register_adapter("CoCoOp")
 class CoCoOpAdapter(CoOpAdapter):
     prompt_pattern = r"^prompt_learner\.(ctx$|meta_net\.)"
-    cfg_key = "COCOOP"
+    cfg_node = "COCOOP"
+    family = "CoCoOp"
+    returns_loss_while_training = True
     logits_from_own_forward = False  # its forward returns the loss while training
-
-    def prompted_logits(self, images):
-        pl = self.model.prompt_learner
-        was = pl.training
-        pl.training = False  # CustomCLIP.forward returns logits, not the loss, when this flag is off
-        try:
-            return self.trainer.model(images)
-        finally:
-            pl.training = was

@@ -18,25 +18,17 @@ import torch
 from .base import AdapterError, DasslAdapter, register_adapter
 
 
-def _cfg_node(trainer, key: str):
-    cfg = getattr(trainer, "cfg", None)
-    try:
-        return getattr(cfg.TRAINER, key)
-    except AttributeError:
-        return None
-
-
 @register_adapter("CoOp")
 class CoOpAdapter(DasslAdapter):
     prompt_pattern = r"^prompt_learner\.ctx$"
     init_aliases = {"ctx": "prompt_learner.ctx"}
-    cfg_key = "COOP"
+    cfg_node = "COOP"
+    family = "CoOp"
     logits_from_own_forward = True  # CustomCLIP.forward returns the logits
 
     def prepare(self) -> None:
         pl = self.model.prompt_learner
-        node = _cfg_node(self.trainer, self.cfg_key)
-        ctx_init = getattr(node, "CTX_INIT", "") if node is not None else ""
+        ctx_init = getattr(self.node, "CTX_INIT", "") if self.node is not None else ""
         position = getattr(pl, "class_token_position", "end")
         # the initial context is a hand-crafted prompt only when CTX_INIT gave words
         if ctx_init and pl.ctx.dim() == 2 and position == "end":
@@ -44,7 +36,7 @@ class CoOpAdapter(DasslAdapter):
         else:
             self._hand_ctx = None
             self._why_no_teacher = (
-                f"TRAINER.{self.cfg_key}.CTX_INIT is empty (random context is no zero-shot prompt)"
+                f"TRAINER.{self.cfg_node}.CTX_INIT is empty (random context is no zero-shot prompt)"
                 if not ctx_init
                 else "class-specific or non-'end' context layouts have no single hand-crafted prompt"
             )
@@ -56,7 +48,7 @@ class CoOpAdapter(DasslAdapter):
         return (
             f"ProGrad on {type(self.trainer).__name__} needs a zero-shot teacher: "
             f"{getattr(self, '_why_no_teacher', 'prepare() was not called')}; set e.g. "
-            f"TRAINER.{self.cfg_key}.CTX_INIT 'a photo of a' or pass wrap(..., teacher=<images -> logits>)"
+            f"TRAINER.{self.cfg_node}.CTX_INIT 'a photo of a' or pass wrap(..., teacher=<images -> logits>)"
         )
 
     @torch.no_grad()
@@ -100,6 +92,7 @@ class ProGradTrainerAdapter(CoOpAdapter):
     """
 
     projects_itself = True
+    family = "ProGrad"
 
     def prepare(self) -> None:
         if not hasattr(self.trainer, "zs_clip"):

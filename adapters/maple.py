@@ -16,10 +16,13 @@ words), so ProGrad needs ``teacher=``.
 from __future__ import annotations
 
 from .base import DasslAdapter, register_adapter
-from .vpt import _LogitsWhileTraining
 
 
 @register_adapter("MaPLe")
-class MaPLeAdapter(_LogitsWhileTraining, DasslAdapter):
+class MaPLeAdapter(DasslAdapter):
     prompt_pattern = r"^prompt_learner\.(ctx$|proj\.|compound_prompts_text\.\d+$|compound_prompt_projections\.\d+\.)"
     init_aliases = {"ctx": "prompt_learner.ctx"}
+    cfg_node = "MAPLE"
+    family = "MaPLe"
+    returns_loss_while_training = True
+    ctx_init_max_tokens = 4

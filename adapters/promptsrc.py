@@ -24,9 +24,10 @@ ProGrad: PromptSRC already holds a zero-shot teacher,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .base import AdapterError, DasslAdapter, register_adapter
-from .vpt import TEXT_DEEP_PROMPTS, VISUAL_PROMPTS, _LogitsWhileTraining, layer_aliases
+from .base import AdapterError, DasslAdapter, register_adapter, trainer_module
+from .vpt import TEXT_DEEP_PROMPTS, VISUAL_PROMPTS, layer_aliases
 
 IVLP_PROMPTS = r"^prompt_learner\.ctx$|" + VISUAL_PROMPTS + "|" + TEXT_DEEP_PROMPTS
 
@@ -40,9 +41,19 @@ def encoder_dtype(encoder) -> torch.dtype:
     return next(encoder.parameters()).dtype
 
 
+def _inputs_to_own_dtype(module, args):
+    dtype = encoder_dtype(module)
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 @register_adapter("IVLP")
-class IVLPAdapter(_LogitsWhileTraining, DasslAdapter):
+class IVLPAdapter(DasslAdapter):
     prompt_pattern = IVLP_PROMPTS
+    cfg_node = "IVLP"
+    family = "IVLP"
+    regulated_name = "UNIGRAM"  # joint text + visual prompts under one regulator
+    returns_loss_while_training = True
+    ctx_init_max_tokens = 4
 
     @property
     def init_aliases(self):
@@ -54,6 +65,12 @@ class IVLPAdapter(_LogitsWhileTraining, DasslAdapter):
 
 @register_adapter("PromptSRC")
 class PromptSRCAdapter(IVLPAdapter):
+    cfg_node = "PROMPTSRC"
+    family = "PromptSRC"
+    #: the text templates its fixed embeddings average over (default: the trainer module's
+    #: ``IMAGENET_TEMPLATES`` or ``TEMPLATES``)
+    templates = None
+
     def prepare(self) -> None:
         pl = self.model.prompt_learner
         if not hasattr(pl, "ZS_image_encoder") or not hasattr(pl, "fixed_embeddings"):
@@ -77,3 +94,51 @@ class PromptSRCAdapter(IVLPAdapter):
 
     def teacher_problem(self):
         return None
+
+    def method_loss(self, model, images, labels):
+        """CE + the self-regularising terms: L1 of the text and image features to the fixed
+        embeddings / zero-shot features, and KL of the logits to the zero-shot logits, weighted as
+        ``TRAINER.PROMPTSRC.{TEXT,IMAGE}_LOSS_WEIGHT`` (as its ``forward_backward`` does)."""
+        pl = model.prompt_learner
+        was = pl.training
+        pl.training = True  # the forward returns the loss terms only while this flag is set
+        # Upstream builds the frozen zero-shot encoder in fp16 whatever PREC says and feeds it
+        # ``image.type(self.dtype)``: on a float32 trainer that is fp32 images into an fp16 conv, so
+        # upstream's own forward fails under PREC fp32. Feed the teacher in its own dtype (its
+        # features then meet ``fixed_embeddings.half()`` as upstream expects); a no-op under fp16.
+        cast = pl.ZS_image_encoder.register_forward_pre_hook(_inputs_to_own_dtype)
+        try:
+            ce, text_f, fixed, zs_image, image_f, zs_logits, logits = model(images, labels)
+        finally:
+            pl.training = was
+            cast.remove()
+        node = self.node
+        l_text = F.l1_loss(text_f, fixed.to(text_f.dtype)) * float(node.TEXT_LOSS_WEIGHT)
+        l_image = F.l1_loss(image_f, zs_image.to(image_f.dtype)) * float(node.IMAGE_LOSS_WEIGHT)
+        l_logits = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zs_logits.to(logits.dtype), 1), reduction="sum", log_target=True) / logits.numel()
+        return ce + (l_logits + l_text + l_image)
+
+    def text_templates(self) -> list:
+        if self.templates is not None:
+            return list(self.templates)
+        module = trainer_module(self.trainer)
+        for name in ("IMAGENET_TEMPLATES", "TEMPLATES"):
+            if hasattr(module, name):
+                return list(getattr(module, name))
+        raise AdapterError("PromptSRC: pass templates=[...] (the text templates its fixed embeddings average over)")
+
+    def class_buffers(self) -> dict:
+        return {**super().class_buffers(), "fixed_embeddings": self.model.prompt_learner.fixed_embeddings}
+
+    @torch.no_grad()
+    def build_class_buffers(self, classnames, clip_model, tokenize) -> dict:
+        names = [c.replace("_", " ") for c in classnames]
+        feats = [clip_model.encode_text(tokenize([t.replace("{}", n) for n in names])).float() for t in self.text_templates()]
+        device = next(self.model.parameters()).device
+        return {**super().build_class_buffers(classnames, clip_model, tokenize),
+                "fixed_embeddings": torch.stack(feats, dim=1).mean(dim=1).to(device)}
+
+    def use_class_buffers(self, state: dict) -> None:
+        super().use_class_buffers(state)
+        self.model.prompt_learner.fixed_embeddings = state["fixed_embeddings"]
+        self.model.n_cls = state["n_cls"]

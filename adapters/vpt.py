@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import DasslAdapter, register_adapter
 
 VISUAL_PROMPTS = r"^image_encoder\.(VPT$|transformer\.resblocks\.\d+\.VPT_shallow$)"
@@ -37,30 +39,26 @@ def layer_aliases(names, prefix: str, first: str, deep_rx: str) -> dict:
     return out
 
 
-class _LogitsWhileTraining:
-    """Logits of a CustomCLIP whose forward returns the *loss* while ``prompt_learner.training``:
-    clear that one flag for the call (not ``.eval()``, so nothing else changes)."""
-
-    def prompted_logits(self, images):
-        pl = getattr(self.model, "prompt_learner", None)
-        if pl is None:
-            return self.trainer.model(images)
-        was = pl.training
-        pl.training = False
-        try:
-            return self.trainer.model(images)
-        finally:
-            pl.training = was
-
-
 @register_adapter("VPT")
 class VPTAdapter(DasslAdapter):
     prompt_pattern = VISUAL_PROMPTS
+    cfg_node = "VPT"
+    family = "VPT"
 
     @property
     def init_aliases(self):
         names = [n for n, _ in self.model.named_parameters()]
         return layer_aliases(names, "vpt", "image_encoder.VPT", r"^image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 
-    def prompted_logits(self, images):
-        return self.trainer.model(images)  # VPT's CustomCLIP returns logits unless training=True
+    # the text side: fixed "a photo of a {class}." features, the one class-dependent state
+    def class_buffers(self) -> dict:
+        return {"fixed_embeddings": self.model.embeddings.fixed_embeddings}
+
+    @torch.no_grad()
+    def build_class_buffers(self, classnames, clip_model, tokenize) -> dict:
+        names = [c.replace("_", " ") for c in classnames]
+        device = next(self.model.parameters()).device
+        return {"fixed_embeddings": clip_model.encode_text(tokenize(["a photo of a " + n + "." for n in names])).to(device)}
+
+    def use_class_buffers(self, state: dict) -> None:
+        self.model.embeddings.fixed_embeddings = state["fixed_embeddings"]

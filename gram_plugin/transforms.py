@@ -73,7 +73,12 @@ def regulate(regulator: Callable[[str, torch.Tensor], torch.Tensor]) -> Gradient
     return _Named(apply, f"regulate({type(regulator).__name__})")
 
 
-def prograd(lam: float = 1.0, general_key: str = "general_grads") -> GradientTransform:
+#: ProGrad leaves a tensor's G_d alone when ||G_g|| < PROGRAD_MIN_RELATIVE_NORM * ||G_d|| (see :func:`prograd`)
+PROGRAD_MIN_RELATIVE_NORM = 1e-3
+
+
+def prograd(lam: float = 1.0, general_key: str = "general_grads",
+            min_relative_norm: float = PROGRAD_MIN_RELATIVE_NORM) -> GradientTransform:
     """ProGrad (Zhu et al., ICCV 2023): drop the part of the task gradient that fights the zero-shot model.
 
     Per parameter tensor, with G_d the task (cross-entropy) gradient and G_g the gradient of
@@ -83,10 +88,18 @@ def prograd(lam: float = 1.0, general_key: str = "general_grads") -> GradientTra
         G = G_d                                         otherwise
 
     As in the published code the rule is applied tensor by tensor. Guarded here: a tensor whose
-    G_g is missing, zero or non-finite keeps G_d.
+    G_g is missing, non-finite, or shorter than ``min_relative_norm * ||G_d||`` keeps G_d. The
+    projection removes ``|G_d| cos(G_d, G_g)`` whatever the length of G_g, so a G_g that is only
+    rounding noise -- the prompted model still equals the zero-shot one, as at the first step
+    from a hand-crafted context, where ||G_g|| / ||G_d|| was measured at 2e-8 -- would remove a
+    random part of G_d. The default 1e-3 is the relative rounding of fp16 logits (the trainers'
+    default precision): below it the two predictions agree to within rounding and G_g carries no
+    direction. ``min_relative_norm=0`` guards only an exactly zero G_g.
     """
     if lam < 0:
         raise ValueError(f"prograd: lam must be >= 0, got {lam}")
+    if not (min_relative_norm >= 0 and min_relative_norm < float("inf")):
+        raise ValueError(f"prograd: min_relative_norm must be a finite number >= 0, got {min_relative_norm}")
 
     def apply(grads, ctx):
         general = ctx.get(general_key)
@@ -104,13 +117,15 @@ def prograd(lam: float = 1.0, general_key: str = "general_grads") -> GradientTra
             d, g = gd.float(), gg.to(device=gd.device, dtype=torch.float32)
             dot = torch.sum(d * g)
             norm_sq = torch.sum(g * g)
-            if not torch.isfinite(norm_sq) or norm_sq <= 0 or dot >= 0:
+            floor = min_relative_norm**2 * torch.sum(d * d)
+            if not torch.isfinite(norm_sq) or norm_sq <= 0 or norm_sq < floor or dot >= 0:
                 out[name] = gd
                 continue
             out[name] = (d - lam * (dot / norm_sq) * g).to(gd.dtype)
         return out
 
-    return _Named(apply, f"prograd(lam={lam})")
+    extra = "" if min_relative_norm == PROGRAD_MIN_RELATIVE_NORM else f", min_relative_norm={min_relative_norm}"
+    return _Named(apply, f"prograd(lam={lam}{extra})")
 
 
 def global_norm(grads: Grads) -> torch.Tensor:

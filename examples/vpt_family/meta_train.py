@@ -50,7 +50,6 @@ def main(argv=None):
     from torchvision import transforms as T
 
     from gram_plugin.adapters import add_gram_cfg
-    from gram_plugin.adapters import maple, promptsrc, vpt  # noqa: F401  (register the adapters)
     from gram_plugin.adapters.compat import patch_dassl
     from gram_plugin.adapters.meta import meta_train
     from gram_plugin.data import ImageDataset, Item, NWayKShotTasks
