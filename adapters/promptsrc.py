@@ -118,6 +118,10 @@ class PromptSRCAdapter(IVLPAdapter):
         l_logits = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zs_logits.to(logits.dtype), 1), reduction="sum", log_target=True) / logits.numel()
         return ce + (l_logits + l_text + l_image)
 
+    def frozen_clip(self):
+        # its load_clip_to_cpu(cfg, zero_shot_model=True) builds the prompt-free CLIP
+        return trainer_module(self.trainer).load_clip_to_cpu(self.trainer.cfg, True).float().eval()
+
     def text_templates(self) -> list:
         if self.templates is not None:
             return list(self.templates)

@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, demo=True)
     _meta(p)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("meta-train", help="meta-learn a prompt init (+ regulator) -> init.safetensors")
+    p = sub.add_parser("meta-train", help="meta-learn a prompt init (+ regulator) -> init.safetensors; with "
+                       "--dassl-config: through your own Dassl trainer (gram-plugin meta-train --dassl-config X -h)")
     _common(p)
     _meta(p)
     p.set_defaults(func=cmd_meta_train)
@@ -360,6 +361,8 @@ def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] == "meta-train" and any(a.split("=")[0] == "--dassl-config" for a in argv[1:]):
+            return _dispatch("adapters.meta_command", argv[1:])  # through the user's own Dassl trainer
         if argv and argv[0] == "chc":
             return _dispatch("chc", argv[1:])
         if argv and argv[0] == "build-proxy":
