@@ -1,37 +1,41 @@
-"""The seeds' evaluation protocols, at small scale, on real images with the offline proxy CLIP.
+"""The seeds' evaluation protocols, at small scale, on real images with ProxyCLIP v2 (the default backbone).
 
-    python benchmarks/protocols.py --out /tmp/protocols --report benchmarks/RESULTS.md
-        [--proxy DIR] [--seeds 1 2 3] [--shots 4 16] [--quick]
+    GRAM_SHARED_DATA=/work/shared/data python benchmarks/protocols.py --out /tmp/protocols \
+        --report benchmarks/RESULTS.md [--seeds 1 2 3 4 5] [--shots 4 16] [--quick]
 
-Backbone: ``gram_plugin.proxy`` (pretrained all-MiniLM-L6-v2 text tower, frozen; small CNN image
-tower trained on the BASE classes of Caltech101 and ImageNet-mini only). Image features are
-computed once (the image tower is frozen and only text prompts are learned).
+Backbone: ``--backbone`` (default ``proxy`` = ProxyCLIP v2: frozen ImageNet EfficientNet-Lite0 + ConSE
+into the pretrained MiniLM text tower; benchmarks/PROXY.md). Image features come from the library's
+FeatureCache: the frozen image tower runs once per image, ever (only text prompts are learned).
+
+Data (``gram_plugin.data.benchmark_sets``): Caltech101 and ImageNet-mini split 50/50 per class with a
+fixed split (seed 0; the seeds change the few-shot draw, the meta-training tasks and the init),
+base/new by the CoOp rule (sorted classes, first half base). Fashion-MNIST keeps its train/test parts.
 
 Protocols (what each seed's paper reports, scaled down):
 
-1. base-to-new (CoOp rule: sorted classes, first half base): tune on K shots of the base classes,
-   test on held-out base images and on the new classes. Targets: Caltech101 (new classes never
-   seen by the image tower), ImageNet-mini (ditto), Fashion-MNIST (a dataset the proxy never saw).
-2. cross-dataset: prompts tuned on Caltech101 base (largest shot count), evaluated zero-shot on
-   Fashion-MNIST, ants-vs-bees (hymenoptera) and ImageNet-mini's new classes.
-3. shots: every K in ``--shots`` (capped by what a class has: ImageNet-mini has 10 train images).
+1. base-to-new: tune on K shots of the base classes, test on held-out base images and on the new
+   classes (``--targets``, default Caltech101 and ImageNet-mini).
+2. cross-dataset: prompts tuned on ``--cross-source`` base (largest shot count), evaluated zero-shot on
+   Fashion-MNIST, ants-vs-bees (hymenoptera) and ImageNet-mini (all 100 classes).
+3. shots: every K in ``--shots`` (capped by what a class has: ImageNet-mini has 5 training images).
 
 Tuning uses Adam by default (CoOp uses SGD for 200 epochs; a few epochs on this CPU need an adaptive step).
 Methods: zero-shot handcrafted prompt "a photo of a {}."; CoOp (ctx initialised from the same
 phrase); CoOp + meta-init (MAML + meta-gradient clipping, no regulator); CoOp + GRAM (meta-init +
 regulator, the regulator also shapes every tuning step); CoOp + ProGrad (lambda 1).
-Meta-training tasks: N-way K-shot tasks drawn from Caltech101 base-class training images (labelled
-tasks; GRAM's CHC tasks need captioned *images*, and Flickr8k images are not available here).
-UNIGRAM is not run: the proxy's CNN image tower has no tokens to prompt.
+Meta-training tasks: N-way K-shot tasks drawn from Caltech101 BASE-class training images only (no
+new class, no test image; labelled tasks: GRAM's CHC tasks need captioned images, unavailable here).
+Every method is compared with CoOp seed by seed (paired differences).
 
-Writes ``results.json``, ``accuracy_per_epoch.png``, ``alignment.png`` into ``--out`` and the
-markdown tables (mean +- std over seeds) into ``--report``.
+Writes ``results.json`` (after every seed, so a cut run keeps its finished seeds),
+``accuracy_per_epoch.png``, ``alignment.png`` into ``--out`` and the markdown tables into ``--report``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -40,55 +44,21 @@ from pathlib import Path
 import torch
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer
-from gram_plugin.data import ImageDataset, Item, NWayKShotTasks, few_shot
+from gram_plugin.backbones import build_backbone
+from gram_plugin.cache import FeatureCache
+from gram_plugin.data import NWayKShotTasks, benchmark_sets, few_shot
 from gram_plugin.finetune import evaluate, evaluate_base_new, tune
 from gram_plugin.models import PromptedCLIP
-from gram_plugin.proxy import (base_new, load_caltech, load_fashion_mnist, load_hymenoptera, load_imagenet_mini,
-                               load_proxy, shared_data_dir)
 
 METHODS = ("zero-shot", "CoOp", "CoOp+MAML-clip", "CoOp+GRAM", "CoOp+ProGrad")
 CTX_INIT = "a photo of a"
 
 
 # -- data -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def featurize(model, split, name=None) -> ImageDataset:
-    """An ImageDataset whose batches carry the frozen image tower's features of ``split``."""
-    feats = torch.cat([model.encode_image(split.images[i:i + 512]) for i in range(0, len(split.labels), 512)])
-    items = [Item(f"{split.name}#{i}", int(y)) for i, y in enumerate(split.labels)]
-    return ImageDataset(items, split.classnames, name=name or split.name).with_features(feats)
-
-
-def select(split, labels, name):
-    """The images of ``labels`` (relabelled 0..len-1 in that order) from a Split."""
-    from gram_plugin.proxy import Split
-
-    keep = torch.isin(split.labels, torch.tensor(labels))
-    remap = {y: i for i, y in enumerate(labels)}
-    return Split(name, [split.classnames[y] for y in labels], split.images[keep],
-                 torch.tensor([remap[int(y)] for y in split.labels[keep]]))
-
-
-def load_data(model, data_dir: Path) -> dict:
-    card = model.card["config"]
-    size, seed = card["image_size"], card["seed"]
-    cal_tr, cal_te, cal_new, _ = load_caltech(data_dir, size, seed)  # the proxy's own split
-    in_tr, in_va, in_new, _ = load_imagenet_mini(data_dir, size)
-    fm_tr, fm_te = load_fashion_mnist(data_dir, size, "train"), load_fashion_mnist(data_dir, size, "test")
-    b, n = base_new(fm_tr.classnames)  # label order is the dataset's (CoOp sorts by label)
-    f = lambda s, name: featurize(model, s, name)  # noqa: E731
-    return {
-        "caltech101": {"base_train": f(cal_tr, "caltech101/base/train"), "base_test": f(cal_te, "caltech101/base/test"),
-                       "new_test": f(cal_new, "caltech101/new/test")},
-        "imagenet-mini": {"base_train": f(in_tr, "imagenet-mini/base/train"),
-                          "base_test": f(in_va, "imagenet-mini/base/val"), "new_test": f(in_new, "imagenet-mini/new")},
-        "fashion-mnist": {"base_train": f(select(fm_tr, b, "fmnist/base/train"), None),
-                          "base_test": f(select(fm_te, b, "fmnist/base/test"), None),
-                          "new_test": f(select(fm_te, n, "fmnist/new/test"), None)},
-        "cross": {"fashion-mnist": f(fm_te, "fashion-mnist/test"),
-                  "hymenoptera": f(load_hymenoptera(data_dir, size), None),
-                  "imagenet-mini/new": f(in_new, "imagenet-mini/new")},
-    }
+def load_data(backbone, args) -> dict:
+    cache = FeatureCache(args.feature_cache, progress=not args.quiet)
+    return benchmark_sets(backbone.preprocess, args.data_dir, args.cache_dir, split_seed=0,
+                          attach=lambda ds: cache.attach(backbone, ds))
 
 
 # -- methods ----------------------------------------------------------------------------------------
@@ -136,38 +106,65 @@ def fmt(xs):
     return f"{m:.1f} ± {s:.1f}"
 
 
+def paired(xs, ref) -> str:
+    """Per-seed differences (points) of ``xs`` against ``ref`` (same seeds): mean ± std, paired t, #positive."""
+    d = [100 * (a - b) for a, b in zip(xs, ref)]
+    if not d:
+        return "-"
+    m = statistics.mean(d)
+    s = statistics.stdev(d) if len(d) > 1 else 0.0
+    t = m / (s / math.sqrt(len(d))) if s > 0 else float("nan")
+    return f"{m:+.1f} ± {s:.1f} (t {t:+.1f}; {sum(x > 0 for x in d)}/{len(d)} > 0)"
+
+
+def header(results, args, seconds) -> list[str]:
+    n_seeds = len(results["seeds_done"])
+    return ["# Small-scale protocol results (ProxyCLIP v2, real images)", "",
+            "Produced by", "", f"    {args.command_line}", "",
+            f"Seeds {results['seeds_done']} ({n_seeds} of {args.seeds} finished); accuracy % (mean ± std over seeds); "
+            f"{seconds / 60:.1f} min on the shared 2-core CPU (1 thread). Backbone `{results['backbone']}` "
+            "(benchmarks/PROXY.md: its image tower saw all ImageNet-1k labels, so ImageNet-mini cells are "
+            f"near-supervised). Tuning: {args.optimizer} lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}; "
+            f"meta-training: {args.meta_steps} outer steps x {args.meta_batch} tasks ({args.n_way}-way, "
+            f"{args.k_support} support + {args.k_query} query shots per class, from Caltech101 base-class training "
+            f"images only), {args.inner_steps} inner steps at lr {args.inner_lr}, outer Adam lr {args.outer_lr} "
+            f"(GRAM's regulator: Adam lr {args.regulator_lr}, {args.regulator_scale} scale), meta-gradient clipping "
+            "gamma 5" + (", first-order meta-gradients." if args.first_order else ", second-order meta-gradients."), "",
+            "Paired columns: per-seed difference to CoOp with the same seed (same few-shot images), in points: "
+            "mean ± std over seeds, the paired t statistic (mean / (std / sqrt(n)); |t| > 2.78 is p < 0.05 "
+            "two-sided at 5 seeds), and on how many seeds the method is above CoOp.", ""]
+
+
 def report(results, args, seconds) -> str:
-    lines = ["# Small-scale protocol results (offline proxy CLIP, real images)", "",
-             "Produced by", "", f"    {args.command_line}", "",
-             f"Seeds {args.seeds}; accuracy % (mean ± std over seeds); {seconds / 60:.1f} min on the "
-             "2-core CPU. Backbone: the proxy described in benchmarks/PROXY.md "
-             f"(`{results['proxy']['name']}`). Tuning: {args.optimizer} lr {args.lr}, {args.epochs} epochs, "
-             f"batch {args.batch_size}; meta-training: {args.meta_steps} outer steps x {args.meta_batch} tasks "
-             f"({args.n_way}-way, {args.k_support} support + {args.k_query} query shots per class, from Caltech101 "
-             f"base training images), {args.inner_steps} inner steps at lr {args.inner_lr}, outer Adam lr "
-             f"{args.outer_lr} (GRAM's regulator: Adam lr {args.regulator_lr}, {args.regulator_scale} scale), "
-             "meta-gradient clipping gamma 5"
-             + (", first-order meta-gradients (the regulator still learns through R(g))." if args.first_order else
-                ", second-order meta-gradients."), ""]
+    lines = header(results, args, seconds)
     for target in args.targets:
         for shots in args.shots:
             rows = results["base2new"].get(target, {}).get(str(shots))
             if not rows:
                 continue
             eff = rows["effective_shots"]
+            fin = rows["final"]
             lines += [f"## Base-to-new: {target}, {shots} shots" + (f" (capped at {eff})" if eff != shots else ""), "",
-                      "| method | base | new | H |", "|---|---|---|---|"]
+                      "| method | base | new | H | new vs CoOp (paired) | H vs CoOp (paired) |", "|---|---|---|---|---|---|"]
             for m in METHODS:
-                r = rows["final"][m]
-                lines.append(f"| {m} | {fmt(r['base'])} | {fmt(r['new'])} | {fmt(r['H'])} |")
+                r = fin[m]
+                diff = ("-", "-") if m == "CoOp" else (paired(r["new"], fin["CoOp"]["new"]), paired(r["H"], fin["CoOp"]["H"]))
+                lines.append(f"| {m} | {fmt(r['base'])} | {fmt(r['new'])} | {fmt(r['H'])} | {diff[0]} | {diff[1]} |")
             lines.append("")
     cross = results["cross"]
-    lines += [f"## Cross-dataset: tuned on {cross['source']} base ({cross['shots']} shots), zero-shot elsewhere", "",
-              "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
-    for m in METHODS:
-        lines.append(f"| {m} | " + " | ".join(fmt(cross["acc"][m][t]) for t in cross["targets"]) + " |")
+    if cross["acc"]["CoOp"][cross["targets"][0]]:
+        lines += [f"## Cross-dataset: tuned on {cross['source']} base ({cross['shots']} shots), zero-shot elsewhere", "",
+                  "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
+        for m in METHODS:
+            lines.append(f"| {m} | " + " | ".join(fmt(cross["acc"][m][t]) for t in cross["targets"]) + " |")
+        lines += ["", "Paired difference to CoOp (points):", "",
+                  "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
+        for m in METHODS:
+            if m != "CoOp":
+                lines.append(f"| {m} | " + " | ".join(paired(cross["acc"][m][t], cross["acc"]["CoOp"][t])
+                                                      for t in cross["targets"]) + " |")
     lines += ["", "Chance: " + ", ".join(f"{k} {v:.1f}" for k, v in results["chance"].items()) + ".", ""]
-    al = results["alignment"]
+    al = results.get("alignment")
     if al:
         lines += ["## Gradient alignment during GRAM meta-training (GRAM Fig. 3b)", "",
                   "cos(support gradient, query gradient) at the current init, raw vs after the regulator, "
@@ -192,6 +189,9 @@ def plots(results, out: Path, shots) -> None:
         for m, runs in curves.items():
             ys = [100 * statistics.mean(r[e][key] for r in runs) for e in range(len(runs[0]))]
             ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=m)
+        zero = results["base2new"][target][str(shots)]["final"]["zero-shot"][key]
+        if zero:
+            ax.axhline(100 * statistics.mean(zero), color="grey", ls="--", lw=1, label="zero-shot")
         ax.set_title(f"{target} {key} classes ({shots} shots)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
@@ -217,13 +217,40 @@ def plots(results, out: Path, shots) -> None:
 
 
 # -- main -------------------------------------------------------------------------------------------
+def summarise_alignment(results) -> dict:
+    hist = results["alignment_history"]
+    if not (hist and all(h and "align_raw" in h[0] for h in hist)):
+        return {}
+    n = min(10, len(hist[0]))
+    avg = lambda key, sl: statistics.mean(r[key] for h in hist for r in h[sl])  # noqa: E731
+    return {"raw_first": avg("align_raw", slice(0, n)), "raw_last": avg("align_raw", slice(-n, None)),
+            "reg_first": avg("align_regulated", slice(0, n)), "reg_last": avg("align_regulated", slice(-n, None))}
+
+
+def write_outputs(results, args, t0, cross_shots) -> str:
+    """results.json, plots and the report: called after every seed, so a cut run keeps its seeds."""
+    seconds = time.perf_counter() - t0
+    results["seconds"] = seconds
+    results["alignment"] = summarise_alignment(results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.cross_source in results["base2new"] and str(cross_shots) in results["base2new"][args.cross_source]:
+        plots(results, args.out, cross_shots)
+    text = report(results, args, seconds)
+    (args.out / "RESULTS.md").write_text(text)
+    if args.report:
+        args.report.write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, default=None, help="markdown file for the tables")
-    p.add_argument("--proxy", type=Path, default=None, help="built proxy folder (default: the default build)")
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--backbone", default="proxy", help="a backbones.build_backbone name (default: ProxyCLIP v2)")
+    p.add_argument("--data-dir", default=None, help="shared data folder (default: $GRAM_SHARED_DATA)")
+    p.add_argument("--cache-dir", default=None, help="where archives are extracted (default: $GRAM_DATA_CACHE)")
+    p.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "gram-plugin" / "features")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -241,7 +268,7 @@ def main(argv=None) -> int:
                    help="Adam lr of GRAM's regulator (default: the library's, 1e-3)")
     p.add_argument("--regulator-scale", choices=["relative", "absolute"], default="relative",
                    help="GradientRegulator scale (absolute = GRAM eq. 5-6 as written)")
-    p.add_argument("--targets", nargs="+", default=["caltech101", "imagenet-mini", "fashion-mnist"],
+    p.add_argument("--targets", nargs="+", default=["caltech101", "imagenet-mini"],
                    choices=["caltech101", "imagenet-mini", "fashion-mnist"])
     p.add_argument("--cross-source", default="caltech101", help="target whose tuned prompts are evaluated cross-dataset")
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (the regulator still learns)")
@@ -254,18 +281,25 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.shots, args.epochs, args.meta_steps = args.seeds[:1], [4], 2, 2
         args.targets, args.cross_source, args.n_way = ["fashion-mnist"], "fashion-mnist", 3
+    if args.cross_source not in args.targets:
+        p.error(f"--cross-source {args.cross_source} must be one of --targets {args.targets}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    backbone = load_proxy(args.proxy)
-    data = load_data(backbone, Path(args.data or shared_data_dir()))
+    backbone = build_backbone(args.backbone)
+    data = load_data(backbone, args)
     print(f"[protocols] data ready in {time.perf_counter() - t0:.0f}s", flush=True)
     source = NWayKShotTasks(data["caltech101"]["base_train"], args.n_way, args.k_support, args.k_query)
-    results = {"proxy": {"name": backbone.name, "card": backbone.card.get("zero_shot_top1")},
-               "base2new": {}, "alignment_history": [], "meta_seconds": {}}
     cross_shots = max(args.shots)
-    cross_acc = {m: {t: [] for t in data["cross"]} for m in METHODS}
+    results = {"backbone": backbone.weights_id(), "seeds_done": [], "base2new": {}, "alignment_history": [],
+               "meta_seconds": {}, "seed_seconds": {},
+               "cross": {"source": args.cross_source, "shots": cross_shots, "targets": list(data["cross"]),
+                         "acc": {m: {t: [] for t in data["cross"]} for m in METHODS}},
+               "chance": {**{f"{t} base/new": 100 / len(data[t]["base_test"].classnames) for t in args.targets},
+                          **{t: 100 / len(ds.classnames) for t, ds in data["cross"].items()}}}
+    cross_acc = results["cross"]["acc"]
     for seed in args.seeds:
+        t_seed = time.perf_counter()
         torch.manual_seed(seed)
         inits = {}
         for key, reg in (("maml", False), ("gram", True)):
@@ -291,35 +325,17 @@ def main(argv=None) -> int:
                         slot["final"][m][k].append(final[k])
                     if curves and hist:
                         slot["per_epoch"][m].append([{k: r[k] for k in ("base", "new", "H")} for r in hist])
-                    if target == args.cross_source and shots == cross_shots:
+                    if curves:
                         for t, ds in data["cross"].items():
                             cross_acc[m][t].append(evaluate(model, ds))
                     print(f"[protocols] seed {seed} {target} {shots}-shot {m:<15} base {100 * final['base']:.1f} "
                           f"new {100 * final['new']:.1f} H {100 * final['H']:.1f} ({time.perf_counter() - t1:.0f}s)",
                           flush=True)
-    results["cross"] = {"source": args.cross_source, "shots": cross_shots, "targets": list(data["cross"]),
-                        "acc": cross_acc}
-    results["chance"] = {f"{t} base/new": 100 / len(d["base_test"].classnames)
-                         for t, d in data.items() if t != "cross"}
-    results["chance"].update({t: 100 / len(ds.classnames) for t, ds in data["cross"].items()})
-    hist = results["alignment_history"]
-    if hist and all("align_raw" in h[0] for h in hist):
-        n = min(10, len(hist[0]))
-        avg = lambda key, sl: statistics.mean(r[key] for h in hist for r in h[sl])  # noqa: E731
-        results["alignment"] = {"raw_first": avg("align_raw", slice(0, n)), "raw_last": avg("align_raw", slice(-n, None)),
-                                "reg_first": avg("align_regulated", slice(0, n)),
-                                "reg_last": avg("align_regulated", slice(-n, None))}
-    else:
-        results["alignment"] = {}
-    seconds = time.perf_counter() - t0
-    results["seconds"] = seconds
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    plots(results, args.out, cross_shots)
-    text = report(results, args, seconds)
-    (args.out / "RESULTS.md").write_text(text)
-    if args.report:
-        args.report.write_text(text)
-    print(text)
+        results["seeds_done"].append(seed)
+        results["seed_seconds"][str(seed)] = time.perf_counter() - t_seed
+        write_outputs(results, args, t0, cross_shots)
+        print(f"[protocols] seed {seed} done in {time.perf_counter() - t_seed:.0f}s", flush=True)
+    print(write_outputs(results, args, t0, cross_shots))
     return 0
 
 

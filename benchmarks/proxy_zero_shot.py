@@ -29,40 +29,6 @@ from gram_plugin.proxy_v2 import ProxyCLIPv2, imagenet_classnames
 from gram_plugin import data as D
 
 
-def combined(a: D.ImageDataset, b: D.ImageDataset, name: str) -> D.ImageDataset:
-    if a.classnames != b.classnames:
-        raise D.DataError(f"{name}: the parts have different classes")
-    return D.ImageDataset(a.items + b.items, a.classnames, a.transform, name)
-
-
-def benchmark_sets(transform, data_dir=None, cache_dir=None, split_seed: int = 0) -> dict:
-    """{target: {"base_train", "base_test", "new_test"}} plus "cross" sets; image datasets (no features)."""
-    cal = D.caltech101(D.extract_archive("caltech-101.tar", data_dir, cache_dir), transform)
-    inet_root = D.extract_archive("imagenet-mini.tar", data_dir, cache_dir)
-    inet = combined(D.imagenet(inet_root, "train", transform), D.imagenet(inet_root, "val", transform), "imagenet-mini")
-    hym_root = D.extract_archive("hymenoptera.tar", data_dir, cache_dir) / "hymenoptera"
-    rename = {"ants": "ant", "bees": "bee"}
-    hym = combined(D.image_folder(hym_root / "train", transform, rename=rename),
-                   D.image_folder(hym_root / "val", transform, rename=rename), "hymenoptera")
-    fm_train = D.fashion_mnist("train", data_dir, cache_dir, transform)
-    fm_test = D.fashion_mnist("test", data_dir, cache_dir, transform)
-    out = {}
-    for name, ds in (("caltech101", cal), ("imagenet-mini", inet)):
-        train, test = D.split_train_test(ds, 0.5, split_seed)
-        out[name] = {"base_train": D.subsample_classes(train, "base"), "base_test": D.subsample_classes(test, "base"),
-                     "new_test": D.subsample_classes(test, "new")}
-    out["fashion-mnist"] = {"base_train": D.subsample_classes(fm_train, "base"),
-                            "base_test": D.subsample_classes(fm_test, "base"),
-                            "new_test": D.subsample_classes(fm_test, "new")}
-    out["cross"] = {"fashion-mnist": fm_test, "hymenoptera": hym, "imagenet-mini/new": out["imagenet-mini"]["new_test"]}
-    return out
-
-
-def with_features(sets: dict, backbone, cache: FeatureCache) -> dict:
-    return {k: with_features(v, backbone, cache) if isinstance(v, dict) else cache.attach(backbone, v)
-            for k, v in sets.items()}
-
-
 def top1(features, labels, text) -> float:
     return 100.0 * float((features @ text.t()).argmax(1).eq(labels).float().mean())
 
@@ -121,7 +87,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bb = ProxyCLIPv2()
-    sets = with_features(benchmark_sets(bb.preprocess, args.data_dir, args.cache_dir), bb, FeatureCache(args.feature_cache))
+    cache = FeatureCache(args.feature_cache)
+    sets = D.benchmark_sets(bb.preprocess, args.data_dir, args.cache_dir, attach=lambda ds: cache.attach(bb, ds))
     seconds_features = time.perf_counter() - t0
     cal, inet = sets["caltech101"], sets["imagenet-mini"]
     inet_names = {n.lower() for n in imagenet_classnames()}

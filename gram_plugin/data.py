@@ -376,3 +376,41 @@ def fashion_mnist(part: str = "test", data_dir=None, cache_dir=None, transform: 
         (folder / ".written").touch()
     items = [Item(str(p), int(label)) for p, label in zip(paths, y)]
     return ImageDataset(items, names, transform, f"fashion-mnist-{part}")
+
+
+def combined(a: ImageDataset, b: ImageDataset, name: str) -> ImageDataset:
+    if a.classnames != b.classnames:
+        raise DataError(f"{name}: the parts have different classes")
+    return ImageDataset(a.items + b.items, a.classnames, a.transform, name)
+
+
+def benchmark_sets(transform=None, data_dir=None, cache_dir=None, split_seed: int = 0,
+                   attach: Callable[[ImageDataset], ImageDataset] | None = None) -> dict:
+    """The shared real sets as the benchmarks use them: ``{target: {"base_train", "base_test", "new_test"}}``
+    for caltech101, imagenet-mini (train + val images) and fashion-mnist, and ``"cross"``: whole test
+    sets (fashion-mnist, hymenoptera = ants/bees, imagenet-mini). Caltech101 and ImageNet-mini are split
+    50/50 per class (``split_train_test(seed=split_seed)``), then base/new by the CoOp rule;
+    Fashion-MNIST keeps its own train/test parts. ``attach`` (e.g. ``FeatureCache(dir).attach`` bound to a
+    backbone) runs once per whole dataset before splitting, so every part carries its features."""
+    attach = attach or (lambda ds: ds)
+    cal = caltech101(extract_archive("caltech-101.tar", data_dir, cache_dir), transform)
+    inet_root = extract_archive("imagenet-mini.tar", data_dir, cache_dir)
+    inet = combined(imagenet(inet_root, "train", transform), imagenet(inet_root, "val", transform), "imagenet-mini")
+    cal, inet = attach(cal), attach(inet)
+    hym_root = extract_archive("hymenoptera.tar", data_dir, cache_dir) / "hymenoptera"
+    rename = {"ants": "ant", "bees": "bee"}
+    hym = attach(combined(image_folder(hym_root / "train", transform, rename=rename),
+                          image_folder(hym_root / "val", transform, rename=rename), "hymenoptera"))
+    fm_train = attach(fashion_mnist("train", data_dir, cache_dir, transform))
+    fm_test = attach(fashion_mnist("test", data_dir, cache_dir, transform))
+    out = {}
+    for name, ds in (("caltech101", cal), ("imagenet-mini", inet)):
+        train, test = split_train_test(ds, 0.5, split_seed)
+        out[name] = {"base_train": subsample_classes(train, "base"), "base_test": subsample_classes(test, "base"),
+                     "new_test": subsample_classes(test, "new")}
+    out["fashion-mnist"] = {"base_train": subsample_classes(fm_train, "base"),
+                            "base_test": subsample_classes(fm_test, "base"),
+                            "new_test": subsample_classes(fm_test, "new")}
+    out["cross"] = {"fashion-mnist": fm_test, "hymenoptera": hym,
+                    "imagenet-mini": split_train_test(inet, 0.5, split_seed)[1]}
+    return out

@@ -104,3 +104,41 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DataError, match="no images"):
         image_folder(tmp_path)
+
+
+def test_shared_data_dir_needs_an_argument_or_the_env_var(monkeypatch, tmp_path):
+    from gram_plugin.data import shared_data_dir
+
+    monkeypatch.delenv("GRAM_SHARED_DATA", raising=False)
+    with pytest.raises(DataError, match="GRAM_SHARED_DATA"):
+        shared_data_dir()
+    assert shared_data_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("GRAM_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path
+    with pytest.raises(DataError, match="does not exist"):
+        shared_data_dir(tmp_path / "nowhere")
+
+
+def test_extract_archive_once_and_fashion_mnist_files_equal_the_arrays(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import SHARED_DATA
+    from gram_plugin.data import extract_archive, fashion_mnist
+
+    if not (SHARED_DATA / "fashion-mnist-subset.npz").exists():
+        pytest.skip("shared data not available")
+    folder = extract_archive("hymenoptera.tar", SHARED_DATA, tmp_path)
+    assert (folder / ".extracted").exists() and (folder / "hymenoptera" / "train" / "ants").is_dir()
+    marker_time = (folder / ".extracted").stat().st_mtime_ns
+    assert extract_archive("hymenoptera.tar", SHARED_DATA, tmp_path) == folder
+    assert (folder / ".extracted").stat().st_mtime_ns == marker_time  # not extracted twice
+    with pytest.raises(DataError, match="no missing.tar"):
+        extract_archive("missing.tar", SHARED_DATA, tmp_path)
+    ds = fashion_mnist("test", SHARED_DATA, tmp_path)
+    arrays = np.load(SHARED_DATA / "fashion-mnist-subset.npz")
+    assert len(ds) == len(arrays["y_test"]) and ds.classnames[0] == "t-shirt or top"
+    assert torch.equal(ds.labels, torch.from_numpy(arrays["y_test"].astype(np.int64)))
+    for i in (0, 517, len(ds) - 1):
+        with Image.open(ds.items[i].path) as im:
+            assert np.array_equal(np.asarray(im), arrays["x_test"][i])
