@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=["gram_plugin", "gram_plugin.adapters"],
     package_dir={"gram_plugin": "gram_plugin", "gram_plugin.adapters": "adapters"},
-    package_data={"gram_plugin": ["data/*", "data/**/*", "configs/*.yaml"]},
+    package_data={"gram_plugin": ["assets/*", "assets/**/*", "configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1",

@@ -179,8 +179,8 @@ def load_dataset(spec: str, transform: Callable | None = None) -> ImageDataset:
 
 
 def default_dataset(transform: Callable | None = None) -> ImageDataset:
-    """The small real image set embedded in the package (``gram_plugin/data/``)."""
-    root = Path(__file__).parent / "data" / "caltech10"
+    """The small real image set embedded in the package (``gram_plugin/assets/caltech10``)."""
+    root = Path(__file__).parent / "assets" / "caltech10"
     return image_folder(root, transform, rename=CALTECH_RENAME, name="caltech10-embedded")
 
 

@@ -502,13 +502,13 @@ def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None =
     return out_dir
 
 
-EMBEDDED_DIR = Path(__file__).parent / "data" / "proxy"  # the build shipped with the package (1.4 MB)
+EMBEDDED_DIR = Path(__file__).parent / "assets" / "proxy"  # the build shipped with the package (1.4 MB)
 
 
 def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     """Load a built proxy (folder with proxy.safetensors + card.json).
 
-    Default: the build shipped inside the package (``gram_plugin/data/proxy``, made by the default
+    Default: the build shipped inside the package (``gram_plugin/assets/proxy``, made by the default
     ``BuildConfig``; its card records the command, data split and accuracies), so the proxy works
     offline on a fresh install without a 10-minute build.
     """

@@ -38,8 +38,10 @@ def test_wheel_layout_and_normal_install(tmp_path):
     assert not any(n.startswith("adapters/") for n in names)
     assert not any(n.startswith("tests/") for n in names)
     # the shipped proxy build and the embedded images travel with the package
-    assert {"gram_plugin/data/proxy/proxy.safetensors", "gram_plugin/data/proxy/card.json"} <= set(names)
-    assert any(n.startswith("gram_plugin/data/caltech10/") and n.endswith(".jpg") for n in names)
+    assert {"gram_plugin/assets/proxy/proxy.safetensors", "gram_plugin/assets/proxy/card.json"} <= set(names)
+    assert any(n.startswith("gram_plugin/assets/caltech10/") and n.endswith(".jpg") for n in names)
+    # package data lives in gram_plugin/assets/, beside the data.py module without a same-named folder
+    assert not any(n.startswith("gram_plugin/data/") for n in names)
     py = _venv(tmp_path / "venv")
     _pip(py, "--target", str(tmp_path / "site"), str(wheel))
     out = subprocess.run([str(py), "-c", PROBE], check=True, cwd=tmp_path, capture_output=True, text=True,

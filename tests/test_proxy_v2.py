@@ -17,7 +17,7 @@ from gram_plugin.backbones import BackboneLoadError, build_backbone  # noqa: E40
 from gram_plugin.proxy import TEMPLATES, minilm_dir  # noqa: E402
 from gram_plugin.proxy_v2 import ProxyCLIPv2  # noqa: E402
 
-EMBEDDED = Path(proxy_v2.__file__).parent / "data" / "caltech10"
+EMBEDDED = Path(proxy_v2.__file__).parent / "assets" / "caltech10"
 IMAGES = [EMBEDDED / c / "image_0001.jpg" for c in ("pizza", "sunflower", "Leopards", "watch")]
 
 

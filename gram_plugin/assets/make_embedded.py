@@ -1,6 +1,6 @@
-"""Rebuild the embedded default dataset (gram_plugin/data/caltech10) from ../shared/data/caltech-101.tar.
+"""Rebuild the embedded default dataset (gram_plugin/assets/caltech10) from ../shared/data/caltech-101.tar.
 
-    python3 gram_plugin/data/make_embedded.py /path/to/extracted/caltech-101/101_ObjectCategories
+    python3 gram_plugin/assets/make_embedded.py /path/to/extracted/caltech-101/101_ObjectCategories
 
 10 Caltech101 classes x 24 images (the first 24 file names of each class, sorted), resized so the
 longer side is 64 px, JPEG quality 85. Licence of the source images: CC BY 4.0 (Caltech101).
