@@ -1,38 +1,128 @@
 """``gram-plugin`` command line: meta-train | tune | eval | inspect | demo (+ chc, build-proxy).
 
 Every command writes into one run folder (``--out``): ``config.yaml``, ``log.txt``,
-``metrics.json``, artefacts (``init.safetensors``, ``prompt.safetensors``) and ``accuracy.png``.
-Options may come from ``--config file.yaml`` (keys = option names with ``_``); flags given on the
-command line win.
+``metrics.json``, artefacts (``init.safetensors``, ``prompt.safetensors``) and ``accuracy.png``;
+meta-train also keeps checkpoints in ``meta/`` (``--resume`` continues from them). Options may come
+from ``--config file.yaml`` (keys = option names with ``_``); flags given on the command line win.
+Defaults come from the config dataclasses (``MetaConfig``, ``TuneConfig``, ``PromptConfig``,
+``DataConfig``); ``demo`` alone uses the quicker ``DEMO_SETTINGS``. Every option is checked, and an
+existing init file read, before anything is loaded or written; a non-empty run folder is refused
+unless ``--resume`` or ``--overwrite`` is given, and a run holds a lock on its folder while it writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import json
+import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .backbones import build_backbone
+from .config import ConfigError, integer_at_least
+from .finetune import TuneConfig
+from .meta import MetaConfig
+from .models import PromptConfig
 from .paths import inside_run_dir
+from .safeio import atomic_write_text, locked_dir
 
 
 class CLIError(RuntimeError):
     pass
 
 
+@dataclass
+class DataConfig:
+    """Which images, how they are split, and the meta-training tasks drawn from them."""
+
+    data: str = "default"  # default | caltech101:ROOT | imagenet:ROOT | folder:ROOT
+    test_fraction: float = 0.5  # share of each class held out for testing, in (0, 1)
+    shots: int = 0  # images per base class for tuning (0 = all)
+    n_way: int = 3  # classes per meta-training task
+    k_support: int = 2  # support images per class of a task
+    k_query: int = 4  # query images per class of a task
+    skip_unreadable: bool = False  # leave out images that cannot be decoded (counted in the log) instead of failing
+
+    def __post_init__(self):
+        tf = self.test_fraction
+        problems = [] if isinstance(tf, (int, float)) and 0 < tf < 1 else [f"test_fraction must lie in (0, 1), got {tf!r}"]
+        problems += integer_at_least("shots", self.shots, 0)
+        for name in ("n_way", "k_support", "k_query"):
+            problems += integer_at_least(name, getattr(self, name), 1)
+        if problems:
+            raise ConfigError("DataConfig", problems)
+
+
+# The demo is a smoke run (about a minute on a laptop CPU): fewer, larger steps than the defaults.
+DEMO_SETTINGS = dict(meta_steps=30, inner_lr=0.05, inner_steps=2, outer_lr=0.01, meta_batch_size=2, clip_gamma=5.0,
+                     epochs=15, lr=0.01, optimizer="adam", batch_size=16, threads=1)
+
+# flags whose name is not the field's name with dashes
+_FLAG_OF = {"steps": "--meta-steps", "prograd_lambda": "--prograd", "use_regulator": "--no-regulator"}
+_PROMPT_FIELDS = ("mode", "n_ctx", "n_vpt", "vpt_deep")  # an init file fixes these
+RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "init.safetensors", "prompt.safetensors", "accuracy.png", "meta")
+_NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out"}
+
+
+def _flag(field: str) -> str:
+    return _FLAG_OF.get(field, "--" + field.replace("_", "-"))
+
+
+def _as_flags(problems: list[str]) -> list[str]:
+    out = []
+    for p in problems:
+        field, _, rest = p.partition(" ")
+        out.append(f"{_flag(field)} {rest}" if field.isidentifier() and rest else p)
+    return out
+
+
 # -- run folder --------------------------------------------------------------------------------------
 class Run:
-    def __init__(self, out: str, config: dict):
+    """The run folder of one command, locked while the command writes to it.
+
+    Opened only after every input was checked. ``resume``: continue the run already there (its
+    ``config.yaml`` must agree); ``overwrite``: remove the previous run's files first (caches stay).
+    """
+
+    def __init__(self, out: str, config: dict, resume: bool = False, overwrite: bool = False):
         self.dir = Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(locked_dir(self.dir))
+        try:
+            self._prepare(resume, overwrite)
+        except BaseException:
+            self._lock.close()
+            raise
         self._log = open(self.path("log.txt"), "a", encoding="utf-8")
+
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
         import yaml
 
-        self.path("config.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
+        if overwrite:
+            for name in RUN_FILES:
+                p = self.dir / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        elif not resume and _run_contents(self.dir):  # checked again under the lock
+            raise CLIError(_not_empty(self.dir))
+        saved = self.dir / "config.yaml"
+        if resume and saved.exists():
+            before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            differ = sorted(k for k in set(before) | set(self.config)
+                            if k not in _NOT_COMPARED_ON_RESUME and before.get(k) != self.config.get(k))
+            if differ:
+                raise CLIError(f"--resume: options differ from the run's config.yaml in {self.dir}: "
+                               + ", ".join(f"{k} {before.get(k)!r} -> {self.config.get(k)!r}" for k in differ))
+        atomic_write_text(saved, yaml.safe_dump(self.config, sort_keys=True))
 
     def path(self, relative: str) -> Path:
         return inside_run_dir(self.dir, relative)
@@ -44,9 +134,8 @@ class Run:
         self._log.flush()
 
     def write_metrics(self, metrics: dict) -> Path:
-        p = self.path("metrics.json")
-        p.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        return p
+        # allow_nan=False: a NaN reaching a result is a bug, never a number in metrics.json
+        return atomic_write_text(self.path("metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
 
     def plot(self, curves: dict[str, list[float]], name: str = "accuracy.png", title: str = "") -> Path:
         import matplotlib
@@ -70,75 +159,209 @@ class Run:
 
     def close(self):
         self._log.close()
+        self._lock.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None:
+            self.log(f"FAILED: {error}")
+        self.close()
+
+
+def _run_contents(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
+
+
+def _not_empty(folder: Path) -> str:
+    held = _run_contents(folder)
+    return (f"run folder {folder} is not empty (holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
+            "pass --resume to continue the run there, --overwrite to replace it, or choose another --out")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 # -- building blocks ---------------------------------------------------------------------------------
-def prepare_data(args, backbone, run: Run):
+def _backbone_problems(spec) -> list[str]:
+    if not isinstance(spec, str) or not spec:
+        return [f"--backbone must be proxy[:DIR], tiny[:SEED] or MODEL:PRETRAINED, got {spec!r}"]
+    kind, _, rest = spec.partition(":")
+    if kind == "tiny" and rest and not rest.lstrip("-").isdigit():
+        return [f"--backbone tiny:SEED needs a whole-number seed, got {rest!r}"]
+    return []
+
+
+@dataclass
+class Plan:
+    """Everything a command needs, checked before any data is loaded or anything is written."""
+
+    prompt: PromptConfig
+    data: DataConfig
+    tune: TuneConfig | None = None
+    meta: MetaConfig | None = None
+    init: object = None  # PromptInit read from --init / --prompt
+
+
+def _fields(cls, args, **renamed) -> dict:
+    """The dataclass's fields that the command line sets (``renamed``: field -> option name)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = renamed.get(f.name, f.name)
+        if hasattr(args, key):
+            out[f.name] = getattr(args, key)
+    return out
+
+
+def plan(args) -> Plan:
+    """Check every option, the run folder and the init file; one ``CLIError`` lists all problems."""
+    problems: list[str] = []
+    init = None
+    init_path = getattr(args, "init", None) or getattr(args, "prompt", None)
+    if init_path:
+        from .prompts import PromptInit
+
+        try:
+            init = PromptInit.load(init_path)
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            bad = init.nonfinite_names()
+            if bad:
+                problems.append(f"{init_path} holds non-finite values (NaN or Inf) in {bad}: it is unusable")
+            meta = init.metadata
+            for key in _PROMPT_FIELDS:
+                given = getattr(args, key, None)
+                if key in meta and given is not None and given != meta[key]:
+                    problems.append(f"{_flag(key)} {given!r} differs from the {key} {meta[key]!r} that {init_path} "
+                                    f"was learned with; drop {_flag(key)} or use a matching file")
+                elif key in meta:
+                    setattr(args, key, meta[key])
+    conflicting = bool(problems)
+    for key in _PROMPT_FIELDS:  # not given and not fixed by an init: the PromptConfig default
+        if getattr(args, key, None) is None:
+            setattr(args, key, getattr(PromptConfig, key))
+    problems += _backbone_problems(args.backbone)
+    problems += _as_flags(integer_at_least("threads", args.threads, 0))
+    # an init file replaces the context, so the phrase it would start from does not apply
+    ctx_init = None if init is not None or args.ctx_init in (None, "", "random") else args.ctx_init
+    factories = {"data": lambda: DataConfig(**_fields(DataConfig, args))}
+    if not conflicting:  # with a conflict the prompt settings are a mix of the file's and the flags'
+        factories["prompt"] = lambda: PromptConfig(**{**_fields(PromptConfig, args), "ctx_init": ctx_init})
+    if hasattr(args, "epochs"):
+        factories["tune"] = lambda: TuneConfig(**{**_fields(TuneConfig, args, prograd_lambda="prograd"),
+                                                  "use_regulator": not args.no_regulator})
+    if hasattr(args, "meta_steps"):
+        factories["meta"] = lambda: MetaConfig(**_fields(MetaConfig, args, steps="meta_steps"),
+                                               progress=not args.quiet)
+    built = {}
+    for key, make in factories.items():
+        try:
+            built[key] = make()
+        except ConfigError as e:
+            problems += _as_flags(e.problems)
+    problems += _folder_problems(args)
+    if problems:
+        raise CLIError("invalid input:\n  - " + "\n  - ".join(problems))
+    return Plan(init=init, **built)
+
+
+def _folder_problems(args) -> list[str]:
+    problems = []
+    out = Path(args.out)
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    if resume and overwrite:
+        problems.append("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file, not a folder")
+    elif not os.access(_nearest_existing(out), os.W_OK):
+        problems.append(f"--out {out} is not writable (no write permission on {_nearest_existing(out)})")
+    elif resume and not (out / "config.yaml").is_file():
+        problems.append(f"--resume: {out} holds no run to continue (no config.yaml)")
+    elif not resume and not overwrite and _run_contents(out):
+        problems.append(_not_empty(out))
+    cache = getattr(args, "cache_dir", None)
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        problems.append(f"--cache-dir {cache} is a file, not a folder")
+    return problems
+
+
+def load_data(args, plan: Plan, backbone) -> tuple[object, list[str]]:
+    """The dataset (listed, not yet encoded), checked for base-to-new use; (dataset, unreadable paths)."""
+    from .data import load_dataset
+
+    ds = load_dataset(plan.data.data, backbone.preprocess)
+    if len(ds.classnames) < 2:
+        raise CLIError(f"dataset {ds.name} has {len(ds.classnames)} class ({ds.classnames}): base-to-new "
+                       "evaluation needs at least 2 classes (the second half are the new classes)")
+    unreadable: list[str] = []
+    if plan.data.skip_unreadable:
+        ds, unreadable = ds.without_unreadable()
+    return ds, unreadable
+
+
+def prepare_data(args, plan: Plan, ds, backbone, run: Run, unreadable: list[str] = ()):
     """Base/new train/test splits, with cached features when only text prompts are learned."""
     from .cache import FeatureCache
-    from .data import few_shot, load_dataset, split_train_test, subsample_classes
+    from .data import few_shot, split_train_test, subsample_classes
 
-    ds = load_dataset(args.data, backbone.preprocess)
-    if args.mode == "coop" and not args.no_cache:
+    if unreadable:
+        run.log(f"left out {len(unreadable)} unreadable images (--skip-unreadable): {unreadable[:5]}"
+                f"{' ...' if len(unreadable) > 5 else ''}")
+    cfg = plan.data
+    if plan.prompt.mode == "coop" and not args.no_cache:
         cache_dir = Path(args.cache_dir) if args.cache_dir else run.path("feature_cache")
         ds = FeatureCache(cache_dir, progress=not args.quiet).attach(backbone, ds)
-    train, test = split_train_test(ds, args.test_fraction, args.seed)
+    train, test = split_train_test(ds, cfg.test_fraction, args.seed)
     out = {"all_test": test}
     for part in ("base", "new"):
         out[f"{part}_train"] = subsample_classes(train, part)
         out[f"{part}_test"] = subsample_classes(test, part)
-    if args.shots:
-        out["base_train"] = few_shot(out["base_train"], args.shots, args.seed)
+    if cfg.shots:
+        out["base_train"] = few_shot(out["base_train"], cfg.shots, args.seed)
     run.log(f"data {ds.name}: {len(ds)} images, {len(ds.classnames)} classes; base train "
             f"{len(out['base_train'])}, base test {len(out['base_test'])}, new test {len(out['new_test'])}")
     return out
 
 
-def build_model(args, backbone, metadata: dict | None = None):
+def build_model(plan: Plan, backbone, seed: int = 0):
     from .models import PromptedCLIP
 
-    meta = metadata or {}
-    return PromptedCLIP(
-        backbone,
-        mode=meta.get("mode", args.mode),
-        n_ctx=meta.get("n_ctx", args.n_ctx),
-        ctx_init=None if args.ctx_init in (None, "", "random") else args.ctx_init,
-        n_vpt=meta.get("n_vpt", args.n_vpt),
-        vpt_deep=meta.get("vpt_deep", args.vpt_deep),
-        seed=args.seed,
-    )
+    return PromptedCLIP(backbone, seed=seed, **dataclasses.asdict(plan.prompt))
 
 
-def meta_train(args, backbone, data, run: Run, method: str = "gram"):
+def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram", run_dir=None, resume=False):
     from .data import NWayKShotTasks
-    from .meta import MetaConfig, MetaPromptTrainer
+    from .meta import MetaPromptTrainer
     from .regulator import GradientRegulator
 
-    model = build_model(args, backbone)
-    source = NWayKShotTasks(data["base_train"], args.n_way, args.k_support, args.k_query)
-    cfg = MetaConfig(inner_lr=args.inner_lr, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
-                     regulator_lr=args.regulator_lr, meta_batch_size=args.meta_batch_size, steps=args.meta_steps,
-                     first_order=args.first_order, clip_gamma=args.clip_gamma, seed=args.seed, progress=not args.quiet)
+    model = build_model(plan, backbone, args.seed)
+    d = plan.data
+    source = NWayKShotTasks(data["base_train"], d.n_way, d.k_support, d.k_query)
     regulator = GradientRegulator.for_module(model) if method == "gram" else None
-    trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=regulator, config=cfg,
-                                metadata=model.config())
+    trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=regulator, config=plan.meta,
+                                metadata=model.config(), run_dir=run_dir)
     t0 = time.perf_counter()
-    init = trainer.fit(source)
+    init = trainer.fit(source, resume=resume)
     hist = trainer.history
-    run.log(f"meta-train ({method}): {cfg.steps} steps in {time.perf_counter() - t0:.1f}s, meta loss "
-            f"{hist[0]['meta_loss']:.3f} -> {hist[-1]['meta_loss']:.3f}")
+    if hist:
+        run.log(f"meta-train ({method}): {len(hist)} steps to step {trainer.step} in {time.perf_counter() - t0:.1f}s, "
+                f"meta loss {hist[0]['meta_loss']:.3f} -> {hist[-1]['meta_loss']:.3f}")
     return init, hist
 
 
-def tune_and_eval(args, backbone, data, run: Run, init=None, label: str = "coop", prograd_lambda=None):
+def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: str = "coop"):
     from .finetune import evaluate_base_new, tune
     from .prompts import PromptInit
 
-    model = build_model(args, backbone, init.metadata if init is not None else None)
+    model = build_model(plan, backbone, args.seed)
     evaluate_fn = lambda: evaluate_base_new(model, data["base_test"], data["new_test"])  # noqa: E731
-    hist = tune(model, data["base_train"], epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, init=init,
-                use_regulator=not args.no_regulator, prograd_lambda=prograd_lambda, seed=args.seed,
-                evaluate_fn=evaluate_fn, progress=not args.quiet, optimizer=args.optimizer,
+    hist = tune(model, data["base_train"], plan.tune, init=init, evaluate_fn=evaluate_fn, progress=not args.quiet,
                 log=lambda r: run.log(f"{label} epoch {r['epoch']}: loss {r['train_loss']:.3f} base {r['base']:.3f} "
                                       f"new {r['new']:.3f} H {r['H']:.3f}"))
     final = evaluate_base_new(model, data["base_test"], data["new_test"], data["all_test"])
@@ -146,15 +369,36 @@ def tune_and_eval(args, backbone, data, run: Run, init=None, label: str = "coop"
     return model, hist, final, prompt
 
 
+def _check_init_fits(plan: Plan, backbone, seed: int) -> None:
+    """Names, shapes and backbone of the init against the model it will go into, before data is read."""
+    if plan.init is None:
+        return
+    from .prompts import PromptInitError, prompt_parameters
+
+    problems = plan.init.check_against(prompt_parameters(build_model(plan, backbone, seed)), backbone=backbone.name)
+    if problems:
+        raise PromptInitError("init does not fit the model:\n  - " + "\n  - ".join(problems))
+
+
 # -- commands ----------------------------------------------------------------------------------------
-def _setup(args) -> Run:
+def _start(args):
+    """Check everything, build the backbone, list the data; the run folder is not touched yet."""
     import torch
 
+    p = plan(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    backbone = build_backbone(args.backbone)
+    p.prompt.check_backbone(backbone)
+    _check_init_fits(p, backbone, args.seed)
+    ds, unreadable = load_data(args, p, backbone)
+    return p, backbone, ds, unreadable
+
+
+def _open_run(args) -> Run:
     config = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
-    return Run(args.out, config)
+    return Run(args.out, config, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
 
 
 def _table(rows: dict[str, dict]) -> str:
@@ -166,82 +410,73 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def cmd_demo(args) -> int:
-    run = _setup(args)
     t0 = time.perf_counter()
-    backbone = build_backbone(args.backbone)
-    data = prepare_data(args, backbone, run)
-    from .finetune import evaluate_base_new
+    p, backbone, ds, unreadable = _start(args)
+    with _open_run(args) as run:
+        data = prepare_data(args, p, ds, backbone, run, unreadable)
+        from .finetune import evaluate_base_new
 
-    # the handcrafted prompt ("a photo of a {class}."), untuned: what tuning should not lose on new classes
-    zero_shot = evaluate_base_new(build_model(args, backbone), data["base_test"], data["new_test"], data["all_test"])
-    init, meta_hist = meta_train(args, backbone, data, run, method="gram")
-    init.save(run.path("init.safetensors"), overwrite=True)
-    _, gram_hist, gram_final, gram_prompt = tune_and_eval(args, backbone, data, run, init=init, label="gram")
-    _, coop_hist, coop_final, _ = tune_and_eval(args, backbone, data, run, init=None, label="coop")
-    gram_prompt.save(run.path("prompt.safetensors"), overwrite=True)
-    table = _table({"zero-shot": zero_shot, "CoOp": coop_final, "CoOp+GRAM": gram_final})
-    print(table)
-    run.log("results (accuracy %, held-out images):\n" + table)
-    metrics = {"final": {"zero-shot": zero_shot, "coop": coop_final, "coop+gram": gram_final},
-               "per_epoch": {"coop": coop_hist, "coop+gram": gram_hist},
-               "meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in meta_hist],
-               "backbone": backbone.name, "data": args.data, "seconds": time.perf_counter() - t0}
-    run.write_metrics(metrics)
-    run.plot({"CoOp base": [r["base"] for r in coop_hist], "CoOp new": [r["new"] for r in coop_hist],
-              "CoOp+GRAM base": [r["base"] for r in gram_hist], "CoOp+GRAM new": [r["new"] for r in gram_hist]},
-             title=f"base-to-new on {args.data} ({backbone.name})")
-    run.log(f"wrote {run.path('metrics.json')} and {run.path('accuracy.png')} in {time.perf_counter() - t0:.1f}s")
-    run.close()
+        # the handcrafted prompt ("a photo of a {class}."), untuned: what tuning should not lose on new classes
+        zero_shot = evaluate_base_new(build_model(p, backbone, args.seed), data["base_test"], data["new_test"],
+                                      data["all_test"])
+        init, meta_hist = meta_train(args, p, backbone, data, run, method="gram")
+        _, gram_hist, gram_final, gram_prompt = tune_and_eval(args, p, backbone, data, run, init=init, label="gram")
+        _, coop_hist, coop_final, _ = tune_and_eval(args, p, backbone, data, run, init=None, label="coop")
+        init.save(run.path("init.safetensors"), overwrite=True)
+        gram_prompt.save(run.path("prompt.safetensors"), overwrite=True)
+        table = _table({"zero-shot": zero_shot, "CoOp": coop_final, "CoOp+GRAM": gram_final})
+        print(table)
+        run.log("results (accuracy %, held-out images):\n" + table)
+        metrics = {"final": {"zero-shot": zero_shot, "coop": coop_final, "coop+gram": gram_final},
+                   "per_epoch": {"coop": coop_hist, "coop+gram": gram_hist},
+                   "meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in meta_hist],
+                   "backbone": backbone.name, "data": p.data.data, "seconds": time.perf_counter() - t0}
+        run.write_metrics(metrics)
+        run.plot({"CoOp base": [r["base"] for r in coop_hist], "CoOp new": [r["new"] for r in coop_hist],
+                  "CoOp+GRAM base": [r["base"] for r in gram_hist], "CoOp+GRAM new": [r["new"] for r in gram_hist]},
+                 title=f"base-to-new on {p.data.data} ({backbone.name})")
+        run.log(f"wrote {run.path('metrics.json')} and {run.path('accuracy.png')} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
 def cmd_meta_train(args) -> int:
-    run = _setup(args)
-    backbone = build_backbone(args.backbone)
-    data = prepare_data(args, backbone, run)
-    init, hist = meta_train(args, backbone, data, run, method=args.method)
-    path = init.save(run.path("init.safetensors"), overwrite=True)
-    run.write_metrics({"meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in hist]})
-    run.log(f"wrote {path}")
-    run.close()
+    p, backbone, ds, unreadable = _start(args)
+    with _open_run(args) as run:
+        data = prepare_data(args, p, ds, backbone, run, unreadable)
+        init, hist = meta_train(args, p, backbone, data, run, method=args.method, run_dir=run.path("meta"),
+                                resume=args.resume)
+        path = init.save(run.path("init.safetensors"), overwrite=True)
+        run.write_metrics({"meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in hist],
+                           "meta_steps": init.metadata["meta_steps"], "skipped_steps": init.metadata["skipped_steps"]})
+        run.log(f"wrote {path}")
     return 0
 
 
-def _load_init(path):
-    from .prompts import PromptInit
-
-    return PromptInit.load(path) if path else None
-
-
 def cmd_tune(args) -> int:
-    run = _setup(args)
-    backbone = build_backbone(args.backbone)
-    data = prepare_data(args, backbone, run)
-    init = _load_init(args.init)
-    _, hist, final, prompt = tune_and_eval(args, backbone, data, run, init=init,
-                                           label="gram" if init else "coop", prograd_lambda=args.prograd)
-    prompt.save(run.path("prompt.safetensors"), overwrite=True)
-    run.write_metrics({"final": final, "per_epoch": hist})
-    run.plot({"base": [r["base"] for r in hist], "new": [r["new"] for r in hist]}, title="tune")
+    p, backbone, ds, unreadable = _start(args)
+    with _open_run(args) as run:
+        data = prepare_data(args, p, ds, backbone, run, unreadable)
+        _, hist, final, prompt = tune_and_eval(args, p, backbone, data, run, init=p.init,
+                                               label="gram" if p.init else "coop")
+        prompt.save(run.path("prompt.safetensors"), overwrite=True)
+        run.write_metrics({"final": final, "per_epoch": hist})
+        run.plot({"base": [r["base"] for r in hist], "new": [r["new"] for r in hist]}, title="tune")
     print(_table({"tuned": final}))
-    run.close()
     return 0
 
 
 def cmd_eval(args) -> int:
     from .finetune import evaluate_base_new
 
-    run = _setup(args)
-    backbone = build_backbone(args.backbone)
-    data = prepare_data(args, backbone, run)
-    prompt = _load_init(args.prompt)
-    model = build_model(args, backbone, prompt.metadata if prompt else None)
-    if prompt is not None:
-        prompt.apply_to(model, backbone=backbone.name, strict=True)
-    final = evaluate_base_new(model, data["base_test"], data["new_test"], data["all_test"])
-    run.write_metrics({"final": final})
+    p, backbone, ds, unreadable = _start(args)
+    with _open_run(args) as run:
+        data = prepare_data(args, p, ds, backbone, run, unreadable)
+        model = build_model(p, backbone, args.seed)
+        if p.init is not None:
+            p.init.apply_to(model, backbone=backbone.name, strict=True)
+        final = evaluate_base_new(model, data["base_test"], data["new_test"], data["all_test"])
+        run.write_metrics({"final": final})
     print(_table({"eval": final}))
-    run.close()
     return 0
 
 
@@ -265,66 +500,88 @@ def _dispatch(module: str, argv: list[str]) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser, demo: bool = False) -> None:
+def _default(cls, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    d = lambda name: _default(DataConfig, name)  # noqa: E731
     p.add_argument("--config", help="yaml file with option values (command-line flags win)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--out", required=True, help="run folder (must be empty unless --overwrite / --resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (caches are kept)")
     p.add_argument("--backbone", default="proxy",
                    help="proxy (the default: offline ProxyCLIP v2, ImageNet EfficientNet-Lite0 + ConSE into "
                         "MiniLM), proxy-v1[:DIR] (the earlier proxy), tiny[:SEED] (random tiny CLIP), or open_clip "
                         "MODEL:PRETRAINED (tag or local weights file); see backbones.build_backbone")
-    p.add_argument("--data", default="default", help="default | caltech101:ROOT | imagenet:ROOT | folder:ROOT")
-    p.add_argument("--mode", default="coop", choices=["coop", "vpt", "unigram"])
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4)
-    p.add_argument("--ctx-init", dest="ctx_init", default="a photo of a", help="phrase, or 'random'")
-    p.add_argument("--n-vpt", dest="n_vpt", type=int, default=4)
-    p.add_argument("--vpt-deep", dest="vpt_deep", action="store_true")
-    p.add_argument("--shots", type=int, default=0, help="images per base class for tuning (0 = all)")
-    p.add_argument("--test-fraction", dest="test_fraction", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
-    p.add_argument("--no-regulator", dest="no_regulator", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1 if demo else 0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--data", default=d("data"), help="default | caltech101:ROOT | imagenet:ROOT | folder:ROOT")
+    p.add_argument("--skip-unreadable", dest="skip_unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (the log says how many and which)")
+    # None: from the init file when one is given, else PromptConfig's default
+    p.add_argument("--mode", default=None, choices=["coop", "vpt", "unigram"],
+                   help=f"default {PromptConfig.mode} (or the init's)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=None, help=f"default {PromptConfig.n_ctx} (or the init's)")
+    p.add_argument("--ctx-init", dest="ctx_init", default=PromptConfig.ctx_init, help="phrase, or 'random'")
+    p.add_argument("--n-vpt", dest="n_vpt", type=int, default=None, help=f"default {PromptConfig.n_vpt} (or the init's)")
+    p.add_argument("--vpt-deep", dest="vpt_deep", action="store_const", const=True, default=None)
+    p.add_argument("--shots", type=int, default=d("shots"), help="images per base class for tuning (0 = all)")
+    p.add_argument("--test-fraction", dest="test_fraction", type=float, default=d("test_fraction"))
+    p.add_argument("--seed", type=int, default=_default(TuneConfig, "seed"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--cache-dir", dest="cache_dir", default=None)
     p.add_argument("--no-cache", dest="no_cache", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _tuning(p: argparse.ArgumentParser) -> None:
+    t = lambda name: _default(TuneConfig, name)  # noqa: E731
+    p.add_argument("--epochs", type=int, default=t("epochs"))
+    p.add_argument("--lr", type=float, default=t("lr"))
+    p.add_argument("--optimizer", default=t("optimizer"), choices=["adam", "sgd"])
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=t("batch_size"))
+    p.add_argument("--no-regulator", dest="no_regulator", action="store_true")
+
+
 def _meta(p: argparse.ArgumentParser) -> None:
+    m = lambda name: _default(MetaConfig, name)  # noqa: E731
+    d = lambda name: _default(DataConfig, name)  # noqa: E731
     p.add_argument("--method", default="gram", choices=["gram", "maml"])
-    p.add_argument("--meta-steps", dest="meta_steps", type=int, default=30)
-    p.add_argument("--n-way", dest="n_way", type=int, default=3)
-    p.add_argument("--k-support", dest="k_support", type=int, default=2)
-    p.add_argument("--k-query", dest="k_query", type=int, default=4)
-    p.add_argument("--inner-lr", dest="inner_lr", type=float, default=0.05)
-    p.add_argument("--inner-steps", dest="inner_steps", type=int, default=2)
-    p.add_argument("--outer-lr", dest="outer_lr", type=float, default=0.01)
-    # the library's default (MetaConfig.regulator_lr); at 0.01 the regulator fit the meta-training
-    # classes in benchmarks/RESULTS.md ("GRAM vs MAML")
-    p.add_argument("--regulator-lr", dest="regulator_lr", type=float, default=1e-3)
-    p.add_argument("--meta-batch-size", dest="meta_batch_size", type=int, default=2)
+    p.add_argument("--meta-steps", dest="meta_steps", type=int, default=m("steps"))
+    p.add_argument("--n-way", dest="n_way", type=int, default=d("n_way"))
+    p.add_argument("--k-support", dest="k_support", type=int, default=d("k_support"))
+    p.add_argument("--k-query", dest="k_query", type=int, default=d("k_query"))
+    p.add_argument("--inner-lr", dest="inner_lr", type=float, default=m("inner_lr"))
+    p.add_argument("--inner-steps", dest="inner_steps", type=int, default=m("inner_steps"))
+    p.add_argument("--outer-lr", dest="outer_lr", type=float, default=m("outer_lr"))
+    p.add_argument("--regulator-lr", dest="regulator_lr", type=float, default=m("regulator_lr"))
+    p.add_argument("--meta-batch-size", dest="meta_batch_size", type=int, default=m("meta_batch_size"))
     p.add_argument("--first-order", dest="first_order", action="store_true")
-    p.add_argument("--clip-gamma", dest="clip_gamma", type=float, default=5.0)
+    p.add_argument("--clip-gamma", dest="clip_gamma", type=float, default=m("clip_gamma"),
+                   help="meta-gradient clipping threshold (off unless given; the MAML+clipping paper uses 5)")
+    p.add_argument("--on-nonfinite", dest="on_nonfinite", default=m("on_nonfinite"), choices=["raise", "skip"])
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=m("checkpoint_every"),
+                   help="outer steps between checkpoints in OUT/meta (0 = only at the end)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gram-plugin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
-    _common(p, demo=True)
+    _common(p)
+    _tuning(p)
     _meta(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, **DEMO_SETTINGS)
     p = sub.add_parser("meta-train", help="meta-learn a prompt init (+ regulator) -> init.safetensors; with "
                        "--dassl-config: through your own Dassl trainer (gram-plugin meta-train --dassl-config X -h)")
     _common(p)
     _meta(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=cmd_meta_train)
     p = sub.add_parser("tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
     _common(p)
+    _tuning(p)
     p.add_argument("--init", default=None, help="init.safetensors from meta-train")
-    p.add_argument("--prograd", type=float, default=None, help="ProGrad lambda (off unless given)")
+    p.add_argument("--prograd", type=float, default=_default(TuneConfig, "prograd_lambda"),
+                   help="ProGrad lambda in [0, 1] (off unless given)")
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
     _common(p)
@@ -336,22 +593,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--config {p} {'is a folder, not a file' if p.is_dir() else 'does not exist'}")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--config {p} is not UTF-8 text: {e}") from None
+    except yaml.YAMLError as e:  # malformed, or a tag such as !!python/object that safe_load refuses
+        raise CLIError(f"--config {p} is not plain YAML (option: value lines): {e}") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise CLIError(f"--config {p} must be a mapping of option: value, got {type(cfg).__name__}")
+    return cfg
+
+
 def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cfg_path = getattr(args, "config", None)
     if cfg_path:
-        import yaml
-
-        cfg = yaml.safe_load(Path(cfg_path).read_text(encoding="utf-8")) or {}
-        if not isinstance(cfg, dict):
-            raise CLIError(f"config {cfg_path} must be a mapping of option: value")
+        cfg = _read_yaml(cfg_path)
         subparsers = parser._subparsers._group_actions[0].choices
         # one yaml may serve the whole pipeline: options of other sub-commands are ignored, typos are not
-        anywhere = {a.dest for sp in subparsers.values() for a in sp._actions}
-        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
-        unknown = [k for k in cfg if k not in anywhere]
+        actions = {a.dest: a for sp in subparsers.values() for a in sp._actions}
+        cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+        unknown = [k for k in cfg if k not in actions]
         if unknown:
             raise CLIError(f"config {cfg_path}: unknown options {unknown}")
+        for k, v in cfg.items():  # "1e-3" is a string to YAML 1.1: convert as the flag would
+            kind = actions[k].type
+            if isinstance(v, str) and kind in (int, float):
+                try:
+                    cfg[k] = kind(v)
+                except ValueError:
+                    raise CLIError(f"config {cfg_path}: {k} must be a number, got {v!r}") from None
         known = set(vars(args))
         subparsers[args.command].set_defaults(**{k: v for k, v in cfg.items() if k in known})
         args = parser.parse_args(argv)
@@ -370,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = _apply_yaml(parser, argv)
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (CLIError, ValueError, RuntimeError, OSError) as e:
         print(f"gram-plugin: error: {e}", file=sys.stderr)
         return 2
 

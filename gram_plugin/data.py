@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,8 +65,27 @@ class ImageDataset:
 
         if self.transform is None:
             raise DataError(f"{self.name}: no transform set (pass the backbone's preprocess)")
-        with Image.open(self.items[i].path) as im:
-            return self.transform(im.convert("RGB"))
+        path = self.items[i].path
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data
+            raise DataError(f"{self.name}: cannot read image {path} ({e}); pass --skip-unreadable "
+                            "(or ImageDataset.without_unreadable()) to leave such images out") from None
+
+    def without_unreadable(self) -> tuple["ImageDataset", list[str]]:
+        """This dataset minus the images PIL cannot decode in full; returns (dataset, their paths)."""
+        from PIL import Image
+
+        keep, bad = [], []
+        for i, it in enumerate(self.items):
+            try:
+                with Image.open(it.path) as im:
+                    im.load()  # decodes every byte: catches truncated files that open() accepts
+                keep.append(i)
+            except (OSError, SyntaxError, ValueError):
+                bad.append(it.path)
+        return (self.subset(keep) if bad else self), bad
 
     def with_transform(self, transform: Callable) -> "ImageDataset":
         ds = ImageDataset(self.items, self.classnames, transform, self.name)
@@ -114,16 +134,34 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+def _is_utf8(name: str) -> bool:
+    # undecodable bytes in a file name arrive as lone surrogates (PEP 383), which cannot be encoded
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def image_folder(root: str | os.PathLike, transform: Callable | None = None, ignored: Sequence[str] = (),
                  rename: dict[str, str] | None = None, name: str | None = None) -> ImageDataset:
     """``root/<class>/*.jpg`` -> dataset; classes sorted by folder name, label = sorted index."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in ignored)
-    if not classes:
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in ignored)
+    if not folders:
         raise DataError(f"image folder {root} has no class sub-folders")
-    items = [Item(str(p), label) for label, c in enumerate(classes) for p in _images_in(root / c)]
+    undecodable = [os.fsencode(c) for c in folders if not _is_utf8(c)]
+    if undecodable:
+        raise DataError(f"class folder names under {root} are not valid UTF-8 (class names must be text): "
+                        f"{undecodable}; rename them")
+    images = {c: _images_in(root / c) for c in folders}
+    empty = [c for c in folders if not images[c]]
+    if empty:
+        warnings.warn(f"image folder {root}: {len(empty)} class folders hold no images and are left out: {empty}")
+    classes = [c for c in folders if images[c]]
+    items = [Item(str(p), label) for label, c in enumerate(classes) for p in images[c]]
     if not items:
         raise DataError(f"image folder {root} has no images ({', '.join(IMAGE_EXTS)})")
     rename = rename or {}

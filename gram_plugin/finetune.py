@@ -8,17 +8,46 @@ prompt ``"a photo of a {}."``.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .config import integer_at_least, one_of, positive_number, raise_problems
 from .hooks import install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
 from .transforms import chain, prograd, regulate
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
+class TuningError(RuntimeError):
+    """Tuning or evaluation produced a non-finite loss, prompt or prediction (nothing is a result)."""
+
+
+@dataclass
+class TuneConfig:
+    """Settings of :func:`tune` (defaults: CoOp's optimiser, SGD with momentum 0.9 at lr 2e-3, batch 32)."""
+
+    epochs: int = 10
+    lr: float = 2e-3
+    batch_size: int = 32
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, as CoOp) or "adam"
+    prograd_lambda: float | None = None  # ProGrad projection strength (None = off)
+    use_regulator: bool = True  # regulate every step with the init's regulator, when it has one
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = integer_at_least("epochs", self.epochs, 1) + positive_number("lr", self.lr)
+        problems += integer_at_least("batch_size", self.batch_size, 1)
+        problems += one_of("optimizer", self.optimizer, ("sgd", "adam"))
+        lam = self.prograd_lambda
+        if lam is not None and not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0 <= lam <= 1):
+            problems.append(f"prograd_lambda must lie in [0, 1] or be None, got {lam!r}")
+        raise_problems("TuneConfig", problems)
 
 
 @torch.no_grad()
@@ -38,13 +67,19 @@ def evaluate(model, dataset, batch_size: int = 128) -> float:
     """Top-1 accuracy of ``model`` over all of ``dataset`` (its own class names)."""
     if len(dataset) == 0:
         raise ValueError(f"cannot evaluate on an empty dataset {dataset.name}")
+    bad = [n for n, p in prompt_parameters(model).items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TuningError(f"the prompt holds non-finite values (NaN or Inf) in {bad}: no accuracy to report")
     model.set_classnames(dataset.classnames)
     text = model.text_features()  # once for all batches
     correct = 0
     for s in range(0, len(dataset), batch_size):
         idx = list(range(s, min(s + batch_size, len(dataset))))
         batch = dataset.batch(idx)
-        correct += int((model.logits(batch, text).argmax(-1) == batch["labels"]).sum())
+        logits = model.logits(batch, text)
+        if not bool(torch.isfinite(logits).all()):
+            raise TuningError(f"non-finite logits on {dataset.name} (images {idx[0]}..{idx[-1]}): no accuracy to report")
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
     return correct / len(dataset)
 
 
@@ -64,26 +99,25 @@ def evaluate_base_new(model, base_test, new_test, all_test=None) -> dict:
 def tune(
     model,
     train,
-    epochs: int = 10,
-    lr: float = 2e-3,
-    batch_size: int = 32,
+    config: TuneConfig | None = None,
     init: PromptInit | None = None,
-    use_regulator: bool = True,
-    prograd_lambda: float | None = None,
-    seed: int = 0,
     evaluate_fn: Callable[[], dict] | None = None,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
-    optimizer: str = "sgd",
+    **options,
 ) -> list[dict]:
     """Prompt-tune ``model`` on the dataset ``train``; return one record per epoch.
 
+    ``config``: a :class:`TuneConfig`, or its fields as keyword ``options`` (``epochs=``, ``lr=``, ...).
     ``init``: a meta-learned init copied into the prompts first; its regulator (if any, and if
     ``use_regulator``) transforms every step's gradient. ``prograd_lambda``: ProGrad projection
-    strength against the zero-shot prompt (None = off). ``optimizer``: ``"sgd"`` (momentum 0.9,
-    as CoOp) or ``"adam"``. ``evaluate_fn()`` is called after every
-    epoch and its numbers are added to the record.
+    strength against the zero-shot prompt (None = off). ``evaluate_fn()`` is called after every
+    epoch and its numbers are added to the record. A non-finite loss or prompt stops tuning with a
+    :class:`TuningError` naming the epoch and step.
     """
+    if config is not None and options:
+        raise TypeError("pass either config= or its fields as keywords, not both")
+    cfg = config if config is not None else TuneConfig(**options)
     from tqdm.auto import tqdm
 
     if len(train) == 0:
@@ -91,33 +125,34 @@ def tune(
     if init is not None:
         init.apply_to(model, backbone=getattr(model.backbone, "name", None))
     params = prompt_parameters(model)
-    if optimizer == "sgd":  # CoOp's optimiser
-        opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=0.9)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+    if cfg.optimizer == "sgd":  # CoOp's optimiser
+        opt = torch.optim.SGD(list(params.values()), lr=cfg.lr, momentum=0.9)
     else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     transforms = []
-    regulator = GradientRegulator.from_init(init) if (init is not None and use_regulator) else None
+    regulator = GradientRegulator.from_init(init) if (init is not None and cfg.use_regulator) else None
     zs_text = None
-    if prograd_lambda is not None:
+    if cfg.prograd_lambda is not None:
         if not model.uses_text_prompt:
             raise ValueError("ProGrad needs a text prompt (mode 'coop' or 'unigram')")
-        transforms.append(prograd(prograd_lambda))
+        transforms.append(prograd(cfg.prograd_lambda))
         zs_text = F.normalize(zero_shot_text_features(model.backbone, train.classnames).float(), dim=-1)
     if regulator is not None:
         transforms.append(regulate(regulator))
     hook = install_gradient_transform(opt, params, chain(*transforms)) if transforms else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     model.set_classnames(train.classnames)
     try:
-        for epoch in tqdm(range(1, epochs + 1), desc="tune", unit="epoch", disable=not progress):
+        for epoch in tqdm(range(1, cfg.epochs + 1), desc="tune", unit="epoch", disable=not progress):
             total, correct, loss_sum = 0, 0, 0.0
-            for idx in _batches(len(train), batch_size, gen):
+            for step, idx in enumerate(_batches(len(train), cfg.batch_size, gen), start=1):
                 batch = train.batch(idx)
                 logits = model.logits(batch)
                 loss = F.cross_entropy(logits, batch["labels"])
+                if not bool(torch.isfinite(loss)):
+                    raise TuningError(f"epoch {epoch}, step {step}: non-finite training loss ({float(loss.detach())}); "
+                                      "lower the learning rate or check the init")
                 if zs_text is not None:
                     # ProGrad's general direction: KL(p_zero-shot || p_prompted) on the same images
                     img = F.normalize(model.image_features(batch).float(), dim=-1)
@@ -128,6 +163,10 @@ def tune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+                if bad:
+                    raise TuningError(f"epoch {epoch}, step {step}: the update made {bad} non-finite; "
+                                      "lower the learning rate")
                 n = len(idx)
                 total += n
                 loss_sum += float(loss.detach()) * n

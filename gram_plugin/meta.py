@@ -12,11 +12,13 @@ result equals the single-process run up to float summation order.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import shutil
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,16 +27,18 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .config import integer_at_least, one_of, positive_number, raise_problems
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
-from .safeio import CheckpointError, load_tensors, save_tensors
+from .safeio import CheckpointError, keep_previous, load_tensors, locked_dir, save_tensors
 from .tasks import Task, TaskSource
 from .transforms import clip_meta, global_norm
 
 __all__ = ["MetaConfig", "MetaPromptTrainer", "MetaTrainingError", "module_loss", "LossFn", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.safetensors"  # the one before, kept as a fallback
 CHECKPOINT_KIND = "meta-checkpoint"
 
 
@@ -56,7 +60,7 @@ class MetaConfig:
     clip_gamma: float | None = None  # meta-gradient clipping threshold (paper: 5.0); None = off
     seed: int = 0
     on_nonfinite: str = "raise"  # "raise": stop with the step number; "skip": drop the step and count it
-    checkpoint_every: int = 0  # outer steps between checkpoints (0 = only at the end when run_dir is set)
+    checkpoint_every: int = 10  # outer steps between checkpoints when run_dir is set (0 = only at the end)
     log_every: int = 1
     track_alignment: bool = False  # log cos(support grad, query grad) at theta, raw and regulated (GRAM Fig. 3b)
     # Memory: keep no inner-step graph; the meta-backward recomputes each step (see gram_plugin.scale).
@@ -67,21 +71,14 @@ class MetaConfig:
     def __post_init__(self):
         problems = []
         for name in ("inner_lr", "outer_lr", "regulator_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                problems.append(f"{name} must be a finite number > 0, got {v!r}")
+            problems += positive_number(name, getattr(self, name))
         for name in ("inner_steps", "meta_batch_size", "steps", "log_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                problems.append(f"{name} must be an integer >= 1, got {v!r}")
-        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
-            problems.append(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
-        if self.clip_gamma is not None and not (math.isfinite(self.clip_gamma) and self.clip_gamma > 0):
-            problems.append(f"clip_gamma must be > 0 or None, got {self.clip_gamma!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            problems.append(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        if problems:
-            raise ValueError("invalid MetaConfig: " + "; ".join(problems))
+            problems += integer_at_least(name, getattr(self, name), 1)
+        problems += integer_at_least("checkpoint_every", self.checkpoint_every, 0)
+        if self.clip_gamma is not None:
+            problems += positive_number("clip_gamma", self.clip_gamma)
+        problems += one_of("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        raise_problems("MetaConfig", problems)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -221,7 +218,7 @@ class MetaPromptTrainer:
             self._zero_grad()
             self.skipped_steps.append(step)
             self.step = step
-            record["skipped"] = 1
+            record.update(skipped=1, meta_loss=float("nan"), support_loss=float("nan"))
             return record
         if self._clip is not None:
             self._clip_in_place(self.params)
@@ -270,24 +267,36 @@ class MetaPromptTrainer:
     ) -> PromptInit:
         """Meta-train for ``steps`` outer steps (default ``config.steps``) and return the init.
 
-        ``resume=True`` continues from ``run_dir/checkpoint.safetensors`` if it exists (a path may
-        be given instead); the run then ends exactly where an uninterrupted run would.
+        ``resume=True`` continues from ``run_dir/checkpoint.safetensors`` if it exists (falling back
+        to the previous checkpoint if that one is damaged; a path may be given instead); the run
+        then ends exactly where an uninterrupted run would. While it runs, ``run_dir`` is locked:
+        a second run on the same folder fails at once.
         """
-        cfg = self.config
-        total = cfg.steps if steps is None else steps
+        total = self.config.steps if steps is None else steps
         if not isinstance(source, TaskSource):
             raise TypeError(f"task source {type(source).__name__} has no sample(generator) method")
         rank, _ = _dist_info()
-        if self.run_dir is not None and rank == 0:
+        writes = self.run_dir is not None and rank == 0
+        if writes:
             self._check_run_dir()
-        if resume:
-            path = Path(resume) if not isinstance(resume, bool) else (self.run_dir / CHECKPOINT_NAME if self.run_dir else None)
-            if path is None:
-                raise ValueError("resume=True needs run_dir (or pass the checkpoint path)")
-            if path.exists():
-                self.load_checkpoint(path)
-            elif not isinstance(resume, bool):
-                raise FileNotFoundError(f"checkpoint {path} does not exist")
+        with locked_dir(self.run_dir) if writes else contextlib.nullcontext():
+            if resume:
+                self._resume(resume, total)
+            bad = nonfinite_names(self.params)
+            if bad:
+                raise MetaTrainingError(f"the prompt init holds non-finite values (NaN or Inf) in {bad}: "
+                                        "meta-training cannot start from it")
+            self._loop(source, total, rank, callback)
+            if self.skipped_steps and len(self.skipped_steps) >= self.step:
+                raise MetaTrainingError(
+                    f"all {self.step} outer steps were non-finite and skipped: nothing was learned "
+                    "(check the init and the learning rates); no init exported")
+            if writes:
+                self.save_checkpoint()
+        return self.export(source)
+
+    def _loop(self, source: TaskSource, total: int, rank: int, callback) -> None:
+        cfg = self.config
         logger = _RunLogger(self.run_dir, self.tensorboard, resume_step=self.step) if (self.run_dir and rank == 0) else None
         bar = None
         if cfg.progress and rank == 0:
@@ -314,9 +323,29 @@ class MetaPromptTrainer:
                 bar.close()
             if logger is not None:
                 logger.close()
-        if self.run_dir is not None and rank == 0:
-            self.save_checkpoint()
-        return self.export(source)
+
+    def _resume(self, resume: bool | str | os.PathLike, total: int) -> None:
+        if not isinstance(resume, bool):
+            path = Path(resume)
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint {path} does not exist")
+            candidates = [path]
+        elif self.run_dir is None:
+            raise ValueError("resume=True needs run_dir (or pass the checkpoint path)")
+        else:
+            candidates = [p for p in (self.run_dir / CHECKPOINT_NAME, self.run_dir / PREVIOUS_CHECKPOINT_NAME) if p.exists()]
+        failures = []
+        for path in candidates:
+            try:
+                self.load_checkpoint(path, total=total)
+            except CheckpointError as e:
+                failures.append(str(e))
+                continue
+            if failures:
+                warnings.warn(f"{failures[0]}; resumed from the previous checkpoint {path} (step {self.step})")
+            return
+        if failures:
+            raise CheckpointError("no usable checkpoint to resume from: " + " | ".join(failures))
 
     # -- results -----------------------------------------------------------------------------
     def export(self, source: Any = None) -> PromptInit:
@@ -373,38 +402,83 @@ class MetaPromptTrainer:
         return tensors, meta
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Atomic (temp file + rename): an interrupted write never replaces a good checkpoint."""
+        """Atomic (temp file + rename); the checkpoint it replaces stays as ``checkpoint.prev.safetensors``."""
         path = Path(path) if path is not None else self.run_dir / CHECKPOINT_NAME
+        if path.exists() and path.name == CHECKPOINT_NAME:
+            keep_previous(path, path.with_name(PREVIOUS_CHECKPOINT_NAME))
         tensors, meta = self.state_tensors()
         return save_tensors(path, tensors, meta, kind=CHECKPOINT_KIND)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
+    def load_checkpoint(self, path: str | os.PathLike, total: int | None = None) -> None:
+        """Restore theta, phi, both Adam states, the task generator and the step counter.
+
+        Everything is checked before anything is changed; every problem is named in one
+        ``CheckpointError``. With ``total``, a step beyond it is an error too.
+        """
         tensors, meta = load_tensors(path, what="meta-training checkpoint", error=CheckpointError, kind=CHECKPOINT_KIND)
-        if meta.get("kind") != CHECKPOINT_KIND:
-            raise CheckpointError(f"{path} is not a gram-plugin meta-training checkpoint")
-        names = {k[len("theta/"):] for k in tensors if k.startswith("theta/")}
-        if names != set(self.params):
-            raise MetaTrainingError(f"checkpoint {path} holds prompts {sorted(names)}, trainer has {sorted(self.params)}")
+        problems = self._checkpoint_problems(tensors, meta, total)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is incomplete or invalid: " + "; ".join(problems))
+        opt_states = {}
+        for tag, opt in (("opt_theta", self.theta_opt), ("opt_phi", self.phi_opt)):
+            if opt is not None:
+                state = {int(idx): {k: tensors[f"{tag}/{idx}/{k}"] for k in keys}
+                         for idx, keys in meta[tag]["state_keys"].items()}
+                opt_states[tag] = (opt, {"state": state, "param_groups": meta[tag]["param_groups"]})
+        try:  # optimiser states first: they are the last thing that can still refuse
+            backup = {tag: opt.state_dict() for tag, (opt, _) in opt_states.items()}
+            for tag, (opt, sd) in opt_states.items():
+                opt.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
+            for tag, (opt, _) in opt_states.items():
+                opt.load_state_dict(backup[tag])
+            raise CheckpointError(f"checkpoint {path}: optimiser state does not fit this trainer: {e}") from None
         with torch.no_grad():
             for n, p in self.params.items():
-                if tensors[f"theta/{n}"].shape != p.shape:
-                    raise MetaTrainingError(f"checkpoint {path}: shape of {n} differs")
                 p.copy_(tensors[f"theta/{n}"])
         if self.regulator is not None:
-            phi = {k[len("phi/"):]: v for k, v in tensors.items() if k.startswith("phi/")}
-            if not phi:
-                raise MetaTrainingError(f"checkpoint {path} has no regulator state")
-            self.regulator.load_state_dict(phi)
-        for tag, opt in (("opt_theta", self.theta_opt), ("opt_phi", self.phi_opt)):
-            if opt is None or tag not in meta:
-                continue
-            state = {}
-            for idx, keys in meta[tag]["state_keys"].items():
-                state[int(idx)] = {k: tensors[f"{tag}/{idx}/{k}"] for k in keys}
-            opt.load_state_dict({"state": state, "param_groups": meta[tag]["param_groups"]})
+            self.regulator.load_state_dict({k[len("phi/"):]: v for k, v in tensors.items() if k.startswith("phi/")})
         self.generator.set_state(tensors["rng/generator"])
-        self.step = int(meta["step"])
+        self.step = meta["step"]
         self.skipped_steps = list(meta.get("skipped_steps", []))
+
+    def _checkpoint_problems(self, tensors: dict, meta: dict, total: int | None) -> list[str]:
+        problems = []
+        step = meta.get("step")
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            problems.append(f"'step' must be a whole number >= 0, got {step!r}")
+        elif total is not None and step > total:
+            problems.append(f"it is at step {step}, beyond this run's {total} steps")
+        skipped = meta.get("skipped_steps", [])
+        if not (isinstance(skipped, list) and all(isinstance(s, int) for s in skipped)):
+            problems.append(f"'skipped_steps' must be a list of step numbers, got {skipped!r}")
+        names = {k[len("theta/"):] for k in tensors if k.startswith("theta/")}
+        if names != set(self.params):
+            problems.append(f"it holds prompts {sorted(names)}, the trainer has {sorted(self.params)}")
+        else:
+            problems += [f"shape of {n}: {tuple(tensors[f'theta/{n}'].shape)} vs {tuple(p.shape)}"
+                         for n, p in self.params.items() if tensors[f"theta/{n}"].shape != p.shape]
+        if self.regulator is not None:
+            phi = {k[len("phi/"):]: v for k, v in tensors.items() if k.startswith("phi/")}
+            want = self.regulator.state_dict()
+            if not phi:
+                problems.append("it has no regulator state (phi/...)")
+            elif set(phi) != set(want) or any(phi[k].shape != want[k].shape for k in want):
+                problems.append("its regulator state does not match this trainer's regulator (other heads or shapes)")
+        for tag, opt in (("opt_theta", self.theta_opt), ("opt_phi", self.phi_opt)):
+            if opt is None:
+                continue
+            saved = meta.get(tag)
+            if not (isinstance(saved, dict) and isinstance(saved.get("state_keys"), dict) and "param_groups" in saved):
+                problems.append(f"it has no optimiser state {tag!r}")
+                continue
+            missing = [f"{tag}/{idx}/{k}" for idx, keys in saved["state_keys"].items() for k in keys
+                       if f"{tag}/{idx}/{k}" not in tensors]
+            if missing:
+                problems.append(f"optimiser tensors missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if "rng/generator" not in tensors:
+            problems.append("its task-sampler RNG state (rng/generator) is missing")
+        return problems
 
 
 class _RunLogger:

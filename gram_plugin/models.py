@@ -8,15 +8,51 @@ Only the prompt tensors are parameters that train; the backbone is frozen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import integer_at_least, one_of, raise_problems
 from .prompts import mark_prompts
 
 MODES = ("coop", "vpt", "unigram")
+
+
+@dataclass
+class PromptConfig:
+    """What prompts a :class:`PromptedCLIP` learns (CoOp's defaults: 4 context vectors from "a photo of a")."""
+
+    mode: str = "coop"  # "coop" (text context), "vpt" (visual prompts) or "unigram" (both)
+    n_ctx: int = 4  # text context vectors
+    ctx_init: str | None = "a photo of a"  # phrase of n_ctx words, or None for random N(0, 0.02)
+    n_vpt: int = 4  # visual prompt tokens per layer
+    vpt_deep: bool = False  # one set of visual prompts per image-tower layer
+
+    def __post_init__(self):
+        problems = one_of("mode", self.mode, MODES)
+        if self.mode != "vpt":  # the other mode's count is unused (models record it as 0)
+            problems += integer_at_least("n_ctx", self.n_ctx, 1)
+        if self.mode != "coop":
+            problems += integer_at_least("n_vpt", self.n_vpt, 1)
+        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
+            problems.append(f"ctx_init must be a phrase or None, got {self.ctx_init!r}")
+        elif self.ctx_init and self.mode != "vpt" and isinstance(self.n_ctx, int):
+            words = len(self.ctx_init.replace("_", " ").split())
+            if words != self.n_ctx:
+                problems.append(f"ctx_init {self.ctx_init!r} has {words} words but n_ctx={self.n_ctx} "
+                                "(give a phrase of n_ctx words, or 'random')")
+        raise_problems("PromptConfig", problems)
+
+    def check_backbone(self, backbone) -> None:
+        """Errors that need the backbone: a text prompt longer than its text tower takes."""
+        limit = getattr(backbone, "context_length", None)
+        if self.mode != "vpt" and limit is not None and self.n_ctx + 4 > limit:
+            raise ValueError(
+                f"n_ctx={self.n_ctx} is too long for {backbone.name}: a prompt needs n_ctx + 4 tokens "
+                f"(start, class name, '.', end) and its text tower takes {limit}, so n_ctx <= {limit - 4}")
 
 
 class PromptedCLIP(nn.Module):
@@ -32,11 +68,11 @@ class PromptedCLIP(nn.Module):
         classnames: initial class names (``set_classnames`` changes them).
     """
 
-    def __init__(self, backbone, mode: str = "coop", n_ctx: int = 4, ctx_init: str | None = "a photo of a",
-                 n_vpt: int = 4, vpt_deep: bool = False, classnames: list[str] | None = None, seed: int = 0):
+    def __init__(self, backbone, mode: str = PromptConfig.mode, n_ctx: int = PromptConfig.n_ctx,
+                 ctx_init: str | None = PromptConfig.ctx_init, n_vpt: int = PromptConfig.n_vpt,
+                 vpt_deep: bool = PromptConfig.vpt_deep, classnames: list[str] | None = None, seed: int = 0):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        PromptConfig(mode, n_ctx, ctx_init, n_vpt, vpt_deep).check_backbone(backbone)
         self.backbone = backbone
         self.mode = mode
         self.uses_text_prompt = mode in ("coop", "unigram")
@@ -47,12 +83,8 @@ class PromptedCLIP(nn.Module):
         self.ctx_init = ctx_init
         names = []
         if self.uses_text_prompt:
-            if n_ctx < 1:
-                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
             if ctx_init:
                 words = ctx_init.replace("_", " ").split()
-                if len(words) != n_ctx:
-                    raise ValueError(f"ctx_init {ctx_init!r} has {len(words)} words but n_ctx={n_ctx}")
                 with torch.no_grad():
                     emb = backbone.embed_tokens(backbone.tokenize([" ".join(words)]))[0]
                 ctx = emb[1 : 1 + n_ctx].detach().clone()
@@ -64,8 +96,6 @@ class PromptedCLIP(nn.Module):
         if self.uses_visual_prompt:
             if backbone.vision_width is None:
                 raise ValueError(f"backbone {backbone.name} does not support visual prompts")
-            if n_vpt < 1:
-                raise ValueError(f"n_vpt must be >= 1, got {n_vpt}")
             layers = backbone.vision_layers if vpt_deep else 1
             self.vpt = nn.ParameterList(
                 [nn.Parameter(torch.randn(n_vpt, backbone.vision_width, generator=gen) * 0.02) for _ in range(layers)]
@@ -165,7 +195,3 @@ class PromptedCLIP(nn.Module):
         return {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
                 "vpt_deep": self.vpt_deep, "backbone": self.backbone.name}
 
-
-def loss_fn(model: PromptedCLIP):
-    """Module-level alias of :meth:`PromptedCLIP.meta_loss_fn`."""
-    return model.meta_loss_fn()

@@ -26,7 +26,7 @@ from torch import nn
 from .safeio import ArtefactError, load_tensors, save_tensors
 
 _MARK = "_gram_prompt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the regulator config always records its scale
 _REGULATOR_PREFIX = "regulator."
 FILE_KIND = "prompt-init"
 
@@ -112,6 +112,40 @@ def prompt_parameters(module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
     return out
 
 
+# Metadata keys gram-plugin reads back, and the JSON types they must have.
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "method": (str,), "backbone": (str,), "mode": (str,), "n_ctx": (int,),
+    "n_vpt": (int,), "vpt_deep": (bool,), "ctx_init": (str, type(None)), "regulator_config": (dict,),
+}
+
+
+def metadata_problems(meta: Mapping) -> list[str]:
+    """Every way an init file's metadata breaks the schema (wrong JSON types, no tensor names)."""
+    problems = []
+    names = meta.get("names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        problems.append(f"'names' must be a non-empty list of tensor names, got {names!r}")
+    for key, types in _METADATA_TYPES.items():
+        v = meta.get(key)
+        # bool is an int in Python; an int field holding true/false is still wrong
+        if key in meta and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{key!r} must be {want}, got {v!r}")
+    rc = meta.get("regulator_config")
+    if isinstance(rc, dict) and not isinstance(rc.get("shapes"), dict):
+        problems.append("'regulator_config' needs a 'shapes' mapping")
+    return problems
+
+
+def _upgrade(metadata: dict, version: int) -> dict:
+    """Fill keys that older format versions did not record with what those versions meant."""
+    rc = metadata.get("regulator_config")
+    if version < 2 and isinstance(rc, dict) and "scale" not in rc:
+        # version 1 files written before the regulator had a scale option hold absolute-scale heads
+        metadata["regulator_config"] = {**rc, "scale": "absolute"}
+    return metadata
+
+
 @dataclass
 class PromptInit:
     """A meta-learned prompt initialisation (and, optionally, the regulator learned with it).
@@ -133,6 +167,11 @@ class PromptInit:
     @property
     def regulator_config(self) -> dict | None:
         return self.metadata.get("regulator_config")
+
+    def nonfinite_names(self) -> list[str]:
+        """Tensors (prompt, and ``regulator.<key>``) holding a NaN or an infinity."""
+        tensors = {**self.tensors, **{_REGULATOR_PREFIX + k: v for k, v in self.regulator_state.items()}}
+        return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def describe(self) -> dict:
         return {
@@ -161,19 +200,22 @@ class PromptInit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptInit":
         tensors, meta = load_tensors(path, what="init file", error=PromptInitError, kind=FILE_KIND)
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+        problems = metadata_problems(meta)
+        if problems:
+            raise PromptInitError(f"init file {path} has invalid metadata: " + "; ".join(problems))
+        if meta.get("format_version", 1) > FORMAT_VERSION:
             raise PromptInitError(
                 f"init file {path} has format version {meta['format_version']}; this gram-plugin "
                 f"reads up to {FORMAT_VERSION}: upgrade gram-plugin"
             )
-        names = meta.get("names", [])
+        names = meta["names"]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise PromptInitError(f"init file {path} lists tensors it does not contain: {missing}")
         prompts = OrderedDict((n, tensors[n]) for n in names)
         reg = {k[len(_REGULATOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_REGULATOR_PREFIX)}
         metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version", "kind")}
-        return cls(prompts, metadata, reg)
+        return cls(prompts, _upgrade(metadata, meta.get("format_version", 1)), reg)
 
     # -- applying ------------------------------------------------------------------------------
     def check_against(
@@ -193,6 +235,8 @@ class PromptInit:
                 if n not in self.tensors:
                     problems.append(f"missing in init: {n} {tuple(targets[n].shape)}")
         for n, t in self.tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                problems.append(f"{n} holds non-finite values (NaN or Inf): the init is unusable")
             if n not in targets:
                 problems.append(f"not a prompt parameter of the model: {n} {tuple(t.shape)}")
                 continue

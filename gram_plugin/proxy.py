@@ -138,6 +138,7 @@ class MiniLMTextCLIP(nn.Module):
     embed_dim = 384
     vision_width = None  # no token sequence in the image tower to prompt (VPT/UNIGRAM unsupported)
     vision_layers = 0
+    context_length = TEXT_LENGTH  # tokens the text tower takes (the prompt length limit)
 
     def __init__(self):
         super().__init__()

@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .prompts import PromptInit, prompt_parameters
+from .prompts import PromptInit, PromptInitError, prompt_parameters
 
 
 def _head_key(name: str) -> str:
@@ -158,23 +158,20 @@ class GradientRegulator(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping) -> "GradientRegulator":
+        """Inverse of :meth:`to_config`; a missing option takes the constructor's default."""
         if not config or "shapes" not in config:
             raise ValueError("regulator config needs 'shapes'")
-        return cls(
-            config["shapes"],
-            share_by_width=bool(config.get("share_by_width", False)),
-            rank=config.get("rank"),
-            init_gain=float(config.get("init_gain", 0.9)),
-            seed=int(config.get("seed", 0)),
-            # files written before the option existed hold absolute-scale heads
-            scale=str(config.get("scale", "absolute")),
-        )
+        options = ("share_by_width", "rank", "init_gain", "seed", "scale")
+        return cls(config["shapes"], **{k: config[k] for k in options if k in config})
 
     @classmethod
     def from_init(cls, init: PromptInit) -> "GradientRegulator | None":
         """The regulator saved with a ``PromptInit`` (its config and weights), or ``None`` if it has none."""
         if not init.regulator_state:
             return None
+        bad = [k for k, v in init.regulator_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise PromptInitError(f"the init's regulator holds non-finite values (NaN or Inf) in {bad}: it is unusable")
         reg = cls.from_config(init.regulator_config)
         reg.load_state_dict(init.regulator_state)
         return reg

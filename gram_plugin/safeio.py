@@ -56,6 +56,10 @@ def describe_kind(kind: str | None) -> str:
     return KINDS.get(kind or "", f"file of kind {kind!r}" if kind else "file of unknown kind")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via temp file + fsync + rename (the old file stays whole on failure)."""
     path = Path(path)
@@ -76,6 +80,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
+    """Make ``previous`` a copy of ``path`` (a hard link where the file system allows), atomically.
+
+    Called before ``path`` is rewritten, so one damaged file never loses a run: the rewrite makes a
+    new file, and ``previous`` keeps the old one.
+    """
+    path, previous = Path(path), Path(previous)
+    tmp = previous.with_name(f".{previous.name}.link")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(path, tmp)
+        os.replace(tmp, previous)
+    except OSError:
+        atomic_write_bytes(previous, path.read_bytes())
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -134,7 +155,7 @@ def load_tensors(
     if not isinstance(meta, dict):
         raise error(f"{what} {path}: gram-plugin metadata must be a JSON object, got {type(meta).__name__}")
     if kind is not None and meta.get("kind", kind) != kind:
-        raise error(f"{path} is a {describe_kind(meta.get('kind'))}, not a {what}")
+        raise error(f"{path} is a {describe_kind(meta.get('kind'))}, not {_article(what)} {what}")
     _verify_checksums(path, what, error, header.get(CHECKSUM_KEY), tensors)
     return tensors, meta
 

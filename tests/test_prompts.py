@@ -143,3 +143,54 @@ def test_newer_format_version_is_refused(tmp_path):
     save_tensors(tmp_path / "f.safetensors", {"ctx": torch.zeros(2)}, {"names": ["ctx"], "format_version": 99})
     with pytest.raises(PromptInitError, match="format version 99"):
         PromptInit.load(tmp_path / "f.safetensors")
+
+
+def _init_file(tmp_path, meta, name="f.safetensors"):
+    from gram_plugin.safeio import save_tensors
+
+    save_tensors(tmp_path / name, {"ctx": torch.zeros(2, 4)}, {"names": ["ctx"], **meta}, kind="prompt-init")
+    return tmp_path / name
+
+
+def test_format_version_1_files_without_a_regulator_scale_load_as_absolute_and_version_2_as_written(tmp_path):
+    from gram_plugin.safeio import save_tensors
+
+    reg = GradientRegulator({"ctx": (2, 4)})
+    config = {k: v for k, v in reg.to_config().items() if k != "scale"}
+    tensors = {"ctx": torch.zeros(2, 4), **{f"regulator.{k}": v for k, v in reg.state_dict().items()}}
+    save_tensors(tmp_path / "v1.safetensors", tensors, {"names": ["ctx"], "format_version": 1, "regulator_config": config})
+    assert GradientRegulator.from_init(PromptInit.load(tmp_path / "v1.safetensors")).scale == "absolute"
+    init = PromptInit({"ctx": torch.zeros(2, 4)}, {"regulator_config": reg.to_config()}, dict(reg.state_dict()))
+    back = PromptInit.load(init.save(tmp_path / "v2.safetensors"))
+    assert GradientRegulator.from_init(back).scale == "relative"
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"format_version": "1"}, "'format_version' must be int, got '1'"),
+    ({"n_ctx": "four"}, "'n_ctx' must be int, got 'four'"),
+    ({"names": "ctx"}, "'names' must be a non-empty list of tensor names, got 'ctx'"),
+    ({"regulator_config": {"rank": 2}}, "'regulator_config' needs a 'shapes' mapping"),
+])
+def test_metadata_with_wrong_types_is_one_clear_error(tmp_path, meta, message):
+    path = _init_file(tmp_path, meta)
+    with pytest.raises(PromptInitError, match="has invalid metadata: .*" + message.replace("(", r"\(")):
+        PromptInit.load(path)
+
+
+def test_an_init_or_regulator_holding_nan_or_inf_is_refused_before_anything_is_copied(tmp_path):
+    m = Learner()
+    mark_prompts(m, names=["ctx"])
+    before = m.ctx.detach().clone()
+    bad = PromptInit.from_module(m)
+    bad.tensors["ctx"] = bad.tensors["ctx"].clone()
+    bad.tensors["ctx"][0, 0] = float("nan")
+    with pytest.raises(PromptInitError, match="ctx holds non-finite values"):
+        bad.apply_to(m)
+    assert torch.equal(m.ctx.detach(), before)
+    reg = GradientRegulator.for_module(m)
+    state = {k: v.clone() for k, v in reg.state_dict().items()}
+    next(iter(state.values())).fill_(float("inf"))
+    init = PromptInit.from_module(m, regulator_config=reg.to_config())
+    init.regulator_state = state
+    with pytest.raises(PromptInitError, match="regulator holds non-finite values"):
+        GradientRegulator.from_init(PromptInit.load(init.save(tmp_path / "r.safetensors")))

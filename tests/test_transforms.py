@@ -52,12 +52,13 @@ def test_regulator_formula_hand_computed_relative():
     assert torch.isfinite(d).all()
 
 
-def test_regulator_config_round_trip_and_old_files_keep_absolute_scale():
+def test_regulator_config_round_trip_and_a_missing_option_takes_the_constructor_default():
     reg = GradientRegulator({"a": (2, 4)}, scale="absolute")
     assert GradientRegulator.from_config(reg.to_config()).scale == "absolute"
     assert GradientRegulator.from_config(GradientRegulator({"a": (2, 4)}).to_config()).scale == "relative"
     old = {k: v for k, v in reg.to_config().items() if k != "scale"}
-    assert GradientRegulator.from_config(old).scale == "absolute"
+    # one default, the constructor's; what old files meant is decided by their format version (test_prompts)
+    assert GradientRegulator.from_config(old).scale == "relative"
     with pytest.raises(ValueError, match="scale must be"):
         GradientRegulator({"a": (2, 4)}, scale="log")
 
