@@ -180,6 +180,17 @@ def _not_empty(folder: Path) -> str:
             "pass --resume to continue the run there, --overwrite to replace it, or choose another --out")
 
 
+def _writable(folder: Path) -> bool:
+    """A real probe (permissions, read-only file systems, root included); the probe file deletes itself."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -277,10 +288,13 @@ def _folder_problems(args) -> list[str]:
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     if resume and overwrite:
         problems.append("--resume and --overwrite exclude each other")
+    base = _nearest_existing(out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out} is a file, not a folder")
-    elif not os.access(_nearest_existing(out), os.W_OK):
-        problems.append(f"--out {out} is not writable (no write permission on {_nearest_existing(out)})")
+    elif not base.is_dir():
+        problems.append(f"--out {out} cannot be created: {base} is a file")
+    elif not _writable(base):
+        problems.append(f"--out {out} is not writable (cannot create files in {base})")
     elif resume and not (out / "config.yaml").is_file():
         problems.append(f"--resume: {out} holds no run to continue (no config.yaml)")
     elif not resume and not overwrite and _run_contents(out):
