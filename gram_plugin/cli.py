@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import importlib
 import json
-import os
 import shutil
 import sys
 import time
