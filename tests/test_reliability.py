@@ -150,7 +150,7 @@ from gram_plugin import CheckpointError, MetaConfig, MetaTrainingError, RunFolde
 from gram_plugin.cli import main  # noqa: E402
 from gram_plugin.safeio import load_tensors, locked_dir, save_tensors  # noqa: E402
 
-PACKAGE_IMAGES = REPO / "gram_plugin" / "data" / "caltech10"
+PACKAGE_IMAGES = REPO / "gram_plugin" / "assets" / "caltech10"
 BASE = ["--quiet", "--threads", "1", "--backbone", "tiny"]
 FAST = [*BASE, "--epochs", "1"]
 META = ["--meta-steps", "2", "--inner-steps", "1", "--meta-batch-size", "2"]
