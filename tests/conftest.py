@@ -32,6 +32,23 @@ def tiny_clip():
     return make_tiny_clip()
 
 
+@pytest.fixture(scope="module")
+def bb():
+    """gram-plugin's tiny open_clip backbone (random weights, real layout), one per test module."""
+    from gram_plugin.backbones import tiny_openclip
+
+    return tiny_openclip(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The suite runs on one torch thread (the machine is shared; timings and results do not depend on it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def extract_shared(archive: str) -> Path:
     """Extract ``../shared/data/<archive>`` once into the test cache; return the cache folder."""
     src = SHARED_DATA / archive

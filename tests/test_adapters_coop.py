@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fixtures.dassl_like import CLASSNAMES, CoCoOp, CoOp, ProGrad, ZeroShotCLIP, build, make_batch, make_cfg
 from gram_plugin import GradientRegulator, PromptInit, PromptInitError
 from gram_plugin.adapters import AdapterError, GenericAdapter, adapter_for, supported_trainers, wrap
+from fixtures.hand import regulate_by_hand
 
 LR, WD = 0.002, 5e-4
 
@@ -27,15 +28,6 @@ def random_regulator(shapes, seed=1, scale=0.3):
         for p in reg.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return reg
-
-
-def regulate_by_hand(reg, name, g):
-    head = reg.heads[name.replace(".", "__")]
-    x = g.reshape(-1, g.shape[-1])
-    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
-    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta * s).reshape(g.shape)
 
 
 def sgd_first_step(p, g):

@@ -18,6 +18,7 @@ import gram_plugin.adapters.maple  # noqa: F401  (registers the adapters)
 import gram_plugin.adapters.promptsrc  # noqa: F401
 import gram_plugin.adapters.vpt  # noqa: F401
 from conftest import make_tiny_clip
+from fixtures.hand import regulate_by_hand
 from fixtures.dassl_vpt_family import TEMPLATES, build, convert_weights, make_batch, make_cfg, tokenize
 from gram_plugin import GradientRegulator, PromptInit, PromptInitError
 from gram_plugin.adapters import AdapterError, adapter_for, wrap
@@ -53,15 +54,6 @@ def random_regulator(shapes, seed=1, scale=0.3):
         for p in reg.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return reg
-
-
-def regulate_by_hand(reg, name, g):
-    head = reg.heads[name.replace(".", "__")]
-    x = g.float().reshape(-1, g.shape[-1])
-    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
-    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta * s).reshape(g.shape)
 
 
 def sgd_first_step(p, g):

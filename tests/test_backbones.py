@@ -6,20 +6,6 @@ import torch
 from gram_plugin.backbones import Backbone, BackboneLoadError, OpenCLIPBackbone, tiny_openclip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: extra threads only add contention on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_openclip(0)
-
-
 def test_protocol_and_frozen(bb):
     assert isinstance(bb, Backbone)
     assert (bb.ctx_dim, bb.embed_dim, bb.vision_width, bb.vision_layers) == (32, 32, 64, 2)

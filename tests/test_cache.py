@@ -2,25 +2,11 @@
 
 import os
 
-import pytest
 import torch
 
 from gram_plugin.backbones import tiny_openclip
 from gram_plugin.cache import FeatureCache, cache_key, encode_dataset
 from gram_plugin.data import default_dataset
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_openclip(0)
 
 
 def _small(bb, tmp_path):

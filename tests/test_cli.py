@@ -3,17 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from gram_plugin.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FAST = ["--quiet", "--epochs", "2", "--threads", "1", "--backbone", "tiny"]

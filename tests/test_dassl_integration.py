@@ -31,6 +31,7 @@ from gram_plugin import GradientRegulator, PromptInit  # noqa: E402
 from gram_plugin.adapters import wrap  # noqa: E402
 from gram_plugin.adapters.compat import patch_dassl  # noqa: E402
 from gram_plugin.adapters.config import add_gram_cfg  # noqa: E402
+from fixtures.hand import regulate_by_hand  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,6 @@ def save_init(path, ctx, seed=0):
     return reg
 
 
-def regulate_by_hand(reg, g):
-    head = reg.heads["prompt_learner__ctx"]
-    s = torch.sqrt(g.pow(2).mean() + 1e-30)  # the default scale="relative"
-    gamma = torch.tanh((g / s) @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh((g / s) @ head.beta.weight.t() + head.beta.bias)
-    return gamma * g + beta * s
-
-
 def zero_shot_logits(tiny_clip, classnames, images):
     from clip import clip
 
@@ -149,7 +142,7 @@ def test_coop_gram_prograd_on_real_trainer(coop, data_root, tmp_path):
     dot = torch.sum(gd * gg)
     g = gd - dot / torch.sum(gg * gg) * gg if dot < 0 else gd
     lr, wd = trainer.optim.param_groups[0]["lr"], cfg.OPTIM.WEIGHT_DECAY
-    expected = init_ctx - lr * (regulate_by_hand(reg, g) + wd * init_ctx)
+    expected = init_ctx - lr * (regulate_by_hand(reg, "prompt_learner.ctx", g) + wd * init_ctx)
     plain = init_ctx - lr * (gd + wd * init_ctx)
     trainer.forward_backward(batch)
     assert torch.allclose(ctx.detach(), expected, rtol=1e-5, atol=1e-7)
@@ -187,6 +180,6 @@ def test_cocoop_regulated_step_on_real_trainer(coop, data_root, tmp_path):
     grads = torch.autograd.grad(trainer.model(images, labels), params)
     lr, wd = trainer.optim.param_groups[0]["lr"], cfg.OPTIM.WEIGHT_DECAY
     trainer.forward_backward(batch)
-    assert torch.allclose(params[0].detach(), before[0] - lr * (regulate_by_hand(reg, grads[0]) + wd * before[0]), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(params[0].detach(), before[0] - lr * (regulate_by_hand(reg, "prompt_learner.ctx", grads[0]) + wd * before[0]), rtol=1e-5, atol=1e-7)
     for p, b, g in zip(params[1:], before[1:], grads[1:]):  # Meta-Net: plain SGD (no regulator head)
         assert torch.allclose(p.detach(), b - lr * (g + wd * b), rtol=1e-5, atol=1e-7)

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.hand import regulate_by_hand
 
 pytestmark = pytest.mark.integration
 
@@ -211,15 +212,6 @@ def loss_of(method, trainer, images, labels):
     )
 
 
-def regulate_by_hand(reg, name, g):
-    head = reg.heads[name.replace(".", "__")]
-    x = g.float().reshape(-1, g.shape[-1])
-    s = torch.sqrt(x.pow(2).mean() + 1e-30)  # the default scale="relative"
-    gamma = torch.tanh((x / s) @ head.gamma.weight.t() + head.gamma.bias)
-    beta = torch.tanh((x / s) @ head.beta.weight.t() + head.beta.bias)
-    return (gamma * x + beta * s).reshape(g.shape).to(g.dtype)
-
-
 @pytest.mark.parametrize("upstream", list(METHODS), indirect=True)
 def test_regulated_step_train_loop_and_checkpoint_on_real_trainer(upstream, data_root, tmp_path):
     from dassl.engine import build_trainer
@@ -251,7 +243,7 @@ def test_regulated_step_train_loop_and_checkpoint_on_real_trainer(upstream, data
     names = list(params)
     grads = torch.autograd.grad(loss_of(method, trainer, images, labels), [params[n] for n in names])
     lr, wd = trainer.optim.param_groups[0]["lr"], trainer.cfg.OPTIM.WEIGHT_DECAY
-    expected = {n: init[n].float() - lr * (regulate_by_hand(reg, n, gr).float() + wd * init[n].float()) for n, gr in zip(names, grads)}
+    expected = {n: init[n].float() - lr * (regulate_by_hand(reg, n, gr).to(gr.dtype).float() + wd * init[n].float()) for n, gr in zip(names, grads)}
     plain = {n: init[n].float() - lr * (gr.float() + wd * init[n].float()) for n, gr in zip(names, grads)}
     trainer.forward_backward(batch)
     for n in names:

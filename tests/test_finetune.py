@@ -11,14 +11,6 @@ from gram_plugin.finetune import evaluate, evaluate_base_new, harmonic_mean, tun
 from gram_plugin.models import PromptedCLIP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     bb = tiny_openclip(0)

@@ -4,24 +4,9 @@ import pytest
 import torch
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task, prompt_parameters
-from gram_plugin.backbones import tiny_openclip
 from gram_plugin.models import PromptedCLIP
 
 NAMES = ["dog", "cat", "car"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: extra threads only add contention on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_openclip(0)
 
 
 def _batch(n=5, images=True):
