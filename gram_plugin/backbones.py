@@ -211,7 +211,6 @@ class OpenCLIPBackbone(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         n_tokens = x.shape[1]
-        n_vpt = visual_prompts[0].shape[0]
         # VPT: prompt tokens appended after the patch tokens (no position embedding);
         # deep VPT replaces them with that layer's own prompts before every listed layer.
         x = torch.cat([x, visual_prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
@@ -229,7 +228,6 @@ class OpenCLIPBackbone(nn.Module):
         pooled, _ = v._pool(x)
         if v.proj is not None:
             pooled = pooled @ v.proj
-        del n_vpt
         return pooled
 
 

@@ -524,7 +524,7 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     visual = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
     model.visual.load_state_dict(visual, strict=True)
     with torch.no_grad():
-        model.log_scale.copy_(tensors["log_logit_scale" if "log_logit_scale" in tensors else "logit_scale"])
+        model.log_scale.copy_(tensors["log_logit_scale"])
     for p in model.parameters():
         p.requires_grad_(False)
     model.card = card
