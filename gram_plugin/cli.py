@@ -311,7 +311,7 @@ def load_data(args, plan: Plan, backbone) -> tuple[object, list[str]]:
     ds = load_dataset(plan.data.data, backbone.preprocess)
     if len(ds.classnames) < 2:
         raise CLIError(f"dataset {ds.name} has {len(ds.classnames)} class ({ds.classnames}): base-to-new "
-                       "evaluation needs at least 2 classes (the second half are the new classes)")
+                       "evaluation needs at least 2 classes (the second half are the new ones): this one has no new classes")
     unreadable: list[str] = []
     if plan.data.skip_unreadable:
         ds, unreadable = ds.without_unreadable()

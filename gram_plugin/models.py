@@ -187,7 +187,7 @@ class PromptedCLIP(nn.Module):
 
     def meta_loss_fn(self):
         """``loss_fn(params, batch)`` for :class:`~gram_plugin.meta.MetaPromptTrainer`."""
-        from .meta import module_loss
+        from .metastep import module_loss
 
         return module_loss(self, lambda module, batch: module.loss(batch))
 

@@ -505,6 +505,7 @@ def test_a_one_class_dataset_is_refused_up_front(tmp_path, capsys):
     root = image_folder(tmp_path, classes=("Faces",))
     rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--data", f"folder:{root}")
     assert rc == 2 and "dataset images has 1 class (['Faces']): base-to-new evaluation needs at least 2 classes" in err
+    assert "this one has no new classes" in err
     assert not (tmp_path / "t").exists()
 
 
