@@ -409,6 +409,14 @@ def _start(args):
     return p, backbone, ds, unreadable
 
 
+@contextlib.contextmanager
+def _command(args):
+    """Check everything, then lock and open the run folder and prepare the data: (plan, backbone, data, run)."""
+    p, backbone, ds, unreadable = _start(args)
+    with _open_run(args) as run:
+        yield p, backbone, prepare_data(args, p, ds, backbone, run, unreadable), run
+
+
 def _open_run(args) -> Run:
     config = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
     return Run(args.out, config, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
@@ -422,11 +430,14 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _meta_curve(history: list[dict]) -> list[dict]:
+    # a skipped (non-finite) step has no loss: null in metrics.json, which never holds NaN
+    return [{"step": r["step"], "meta_loss": None if r["skipped"] else r["meta_loss"]} for r in history]
+
+
 def cmd_demo(args) -> int:
     t0 = time.perf_counter()
-    p, backbone, ds, unreadable = _start(args)
-    with _open_run(args) as run:
-        data = prepare_data(args, p, ds, backbone, run, unreadable)
+    with _command(args) as (p, backbone, data, run):
         from .finetune import evaluate_base_new
 
         # the handcrafted prompt ("a photo of a {class}."), untuned: what tuning should not lose on new classes
@@ -442,7 +453,7 @@ def cmd_demo(args) -> int:
         run.log("results (accuracy %, held-out images):\n" + table)
         metrics = {"final": {"zero-shot": zero_shot, "coop": coop_final, "coop+gram": gram_final},
                    "per_epoch": {"coop": coop_hist, "coop+gram": gram_hist},
-                   "meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in meta_hist],
+                   "meta_train": _meta_curve(meta_hist),
                    "backbone": backbone.name, "data": p.data.data, "seconds": time.perf_counter() - t0}
         run.write_metrics(metrics)
         run.plot({"CoOp base": [r["base"] for r in coop_hist], "CoOp new": [r["new"] for r in coop_hist],
@@ -453,22 +464,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_meta_train(args) -> int:
-    p, backbone, ds, unreadable = _start(args)
-    with _open_run(args) as run:
-        data = prepare_data(args, p, ds, backbone, run, unreadable)
+    with _command(args) as (p, backbone, data, run):
         init, hist = meta_train(args, p, backbone, data, run, method=args.method, run_dir=run.path("meta"),
                                 resume=args.resume)
         path = init.save(run.path("init.safetensors"), overwrite=True)
-        run.write_metrics({"meta_train": [{k: r[k] for k in ("step", "meta_loss") if k in r} for r in hist],
+        run.write_metrics({"meta_train": _meta_curve(hist),
                            "meta_steps": init.metadata["meta_steps"], "skipped_steps": init.metadata["skipped_steps"]})
         run.log(f"wrote {path}")
     return 0
 
 
 def cmd_tune(args) -> int:
-    p, backbone, ds, unreadable = _start(args)
-    with _open_run(args) as run:
-        data = prepare_data(args, p, ds, backbone, run, unreadable)
+    with _command(args) as (p, backbone, data, run):
         _, hist, final, prompt = tune_and_eval(args, p, backbone, data, run, init=p.init,
                                                label="gram" if p.init else "coop")
         prompt.save(run.path("prompt.safetensors"), overwrite=True)
@@ -481,9 +488,7 @@ def cmd_tune(args) -> int:
 def cmd_eval(args) -> int:
     from .finetune import evaluate_base_new
 
-    p, backbone, ds, unreadable = _start(args)
-    with _open_run(args) as run:
-        data = prepare_data(args, p, ds, backbone, run, unreadable)
+    with _command(args) as (p, backbone, data, run):
         model = build_model(p, backbone, args.seed)
         if p.init is not None:
             p.init.apply_to(model, backbone=backbone.name, strict=True)

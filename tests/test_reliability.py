@@ -1,5 +1,6 @@
 """Faults and properties: kill -9 then resume, atomic checkpoints, transform invariants (hypothesis)."""
 
+import json
 import math
 import os
 import re
@@ -528,3 +529,25 @@ def test_cheap_inputs_are_checked_before_the_dataset_is_read(tmp_path, capsys, m
     monkeypatch.setattr(gram_plugin.data, "load_dataset", no_loading)
     rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--init", tmp_path / "missing.safetensors")
     assert rc == 2 and "init file" in err and "does not exist" in err
+
+
+def test_meta_train_with_skipped_steps_writes_null_not_nan_into_metrics(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+
+    def flaky_accumulate(self, params, tasks, scale=1.0):
+        calls["n"] += 1
+        stats = orig_accumulate(self, params, tasks, scale)
+        if calls["n"] == 2:
+            stats.nonfinite = "inner step 0: injected"
+        return stats
+
+    from gram_plugin.metastep import MetaStep
+
+    orig_accumulate = MetaStep.accumulate_gradients
+    monkeypatch.setattr(MetaStep, "accumulate_gradients", flaky_accumulate)
+    rc, err = cli(capsys, "meta-train", "--out", tmp_path / "m", *BASE, *META[2:], "--meta-steps", "3",
+                  "--on-nonfinite", "skip")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert [r["meta_loss"] is None for r in metrics["meta_train"]] == [False, True, False]
+    assert metrics["skipped_steps"] == [2]
