@@ -9,7 +9,6 @@ offline demos and tests (no pretrained CLIP weights are needed anywhere in this 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -17,6 +16,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .safeio import file_sha256
 
 
 class BackboneLoadError(RuntimeError):
@@ -103,7 +104,7 @@ class OpenCLIPBackbone(nn.Module):
             tokenizer = tokenizer or model_name
             self._id = name or f"{model_name}:{pretrained if pretrained else 'random'}"
             if pretrained and Path(str(pretrained)).exists():
-                self._id = name or f"{model_name}:{_file_digest(pretrained)}"
+                self._id = name or f"{model_name}:{file_sha256(pretrained)[:16]}"
         elif isinstance(model, nn.Module):
             clip = model
             self._id = name or f"{type(model).__name__}:{_state_digest(model)}"
@@ -229,17 +230,6 @@ class OpenCLIPBackbone(nn.Module):
         if v.proj is not None:
             pooled = pooled @ v.proj
         return pooled
-
-
-def _file_digest(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()[:16]
 
 
 def _state_digest(model: nn.Module) -> str:

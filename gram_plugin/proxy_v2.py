@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import BackboneLoadError, _file_digest
+from .backbones import BackboneLoadError
 from .proxy import TEMPLATES, MiniLMTextCLIP, default_cache_dir, minilm_dir
-from .safeio import CacheError, load_tensors, save_tensors
+from .safeio import CacheError, file_sha256, load_tensors, save_tensors
 
 EXTRA = "pip install 'gram-plugin[proxy]'"
 IMAGE_SIZE = 224
@@ -165,7 +165,7 @@ class ProxyCLIPv2(MiniLMTextCLIP):
 
 @functools.lru_cache(maxsize=4)
 def _weights_digest(path: str) -> str:
-    return _file_digest(path)
+    return file_sha256(path)[:16]
 
 
 __all__ = ["ProxyCLIPv2", "load_lite0", "preprocess_224", "imagenet_classnames", "TEMPLATES"]

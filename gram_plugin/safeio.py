@@ -99,6 +99,15 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
         atomic_write_bytes(previous, path.read_bytes())
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks: identifies a weights file by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in C order (dtype and shape are checked by safetensors itself)."""
     flat = t.detach().contiguous().cpu().reshape(-1)
