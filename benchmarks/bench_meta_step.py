@@ -12,6 +12,8 @@ Variants, all on the same meta-batch of ``--tasks`` tasks:
   higher2 the same second-order step written with `higher` (innerloop_ctx + differentiable SGD,
           then backward of the adapted query loss and an Adam step)
   gram2   meta2 with a GradientRegulator (GRAM), for reference
+  meta2b  meta2 with MetaConfig(batch_tasks=True): the meta-batch's tasks through one text forward
+          per inner step (gram_plugin.metabatch); gram2b likewise for gram2
 
 Times: the variants run round-robin ``--repeats`` times in one process and the median is taken,
 so every ratio compares runs made side by side. Both wall-clock time and the process CPU time
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task  # noqa: E402
 from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
-VARIANTS = ("plain", "meta2", "meta1", "higher2", "gram2")
+VARIANTS = ("plain", "meta2", "meta2b", "meta1", "higher2", "gram2", "gram2b")
 
 CLASSNAMES = [
     "airplane", "car side", "chandelier", "face", "ketch", "leopard", "motorbike", "pizza", "sunflower",
@@ -89,9 +91,10 @@ def build(args):
 
 def make_variant(name, model, tasks, args):
     cfg = MetaConfig(inner_lr=0.002, inner_steps=args.k, meta_batch_size=len(tasks), progress=False,
-                     first_order=(name == "meta1"))
-    if name in ("meta2", "meta1", "gram2"):
-        reg = GradientRegulator({"ctx": tuple(model.ctx.shape)}) if name == "gram2" else None
+                     first_order=(name == "meta1"), batch_tasks=name.endswith("2b"))
+    # meta2 / gram2 / meta1: the per-task loop, meta2b / gram2b: the batched meta-step
+    if name in ("meta2", "meta1", "gram2", "meta2b", "gram2b"):
+        reg = GradientRegulator({"ctx": tuple(model.ctx.shape)}) if name.startswith("gram") else None
         trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg)
         return lambda: trainer.outer_step(tasks)
     if name == "plain":
@@ -180,12 +183,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights), or tiny")
+    p.add_argument("--text-path", default="fast", choices=["fast", "openclip"],
+                   help="openclip: every variant runs open_clip's own text blocks (the path `higher`'s patched "
+                        "blocks take), for a like-for-like comparison with higher2")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.text_path == "openclip":
+        import gram_plugin.backbones as backbones
+
+        backbones._plain_attention_blocks = lambda transformer: False  # never the sequence-first loop
     if args.memory_of:
         print(json.dumps({"peak_bytes": measure_memory(args)}))
         return 0
@@ -203,10 +213,10 @@ def main(argv=None):
         mem = {v: cuda_peak(fns[v]) for v in variants}
     else:
         fwd_argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads", "model")]
+                    if k in ("classes", "n_ctx", "k", "tasks", "shots", "threads", "model", "text_path")]
         mem = {v: memory_in_subprocess(v, fwd_argv) for v in variants}
 
-    print(f"\nmodel={args.model} device={args.device} classes={args.classes} n_ctx={args.n_ctx} k={args.k} "
+    print(f"\nmodel={args.model} text_path={args.text_path} device={args.device} classes={args.classes} n_ctx={args.n_ctx} k={args.k} "
           f"tasks={args.tasks} shots={args.shots} threads={args.threads} torch={torch.__version__}")
     print(f"{'variant':10s} {'median s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
     for v in variants:
@@ -214,14 +224,19 @@ def main(argv=None):
     ratios = {}
     for tag, m in (("time", med), ("cpu time", med_cpu)):
         if "plain" in m:
-            for v in ("meta2", "meta1", "gram2"):
+            for v in ("meta2", "meta2b", "meta1", "gram2", "gram2b"):
                 if v in m:
                     ratios[f"{v}/plain {tag}"] = m[v] / m["plain"]
-        if "higher2" in m and "meta2" in m:
-            ratios[f"higher2/meta2 {tag} (speed-up)"] = m["higher2"] / m["meta2"]
+        for v in ("meta2", "meta2b"):
+            if "higher2" in m and v in m:
+                ratios[f"higher2/{v} {tag} (speed-up)"] = m["higher2"] / m[v]
+        if "meta2" in m and "meta2b" in m:
+            ratios[f"meta2/meta2b {tag} (speed-up of batching)"] = m["meta2"] / m["meta2b"]
     if mem and "meta2" in mem:
         if "higher2" in mem:
             ratios["meta2/higher2 peak memory"] = mem["meta2"] / mem["higher2"]
+            if "meta2b" in mem:
+                ratios["meta2b/higher2 peak memory"] = mem["meta2b"] / mem["higher2"]
         if "plain" in mem:
             ratios["meta2/plain peak memory"] = mem["meta2"] / mem["plain"]
     for k, v in ratios.items():

@@ -11,7 +11,8 @@ Parts, each in its own subprocess with a timeout (a crash or hang in one does no
             the CPU reference of the regulated SGD step within fp16 rounding
   meta_step bench_meta_step.py at ViT-B/16 text-tower size (open_clip ViT-B-16, random weights),
             16 classes, 4 tasks, k = 1..4, second order: time and peak CUDA memory of MetaPromptTrainer
-            (meta2) vs `higher` (higher2) vs the plain steps it unrolls (plain)
+            (meta2: per-task loop, meta2b: batched meta-step) vs `higher` (higher2) vs the plain steps
+            it unrolls (plain)
   dist      task-parallel meta-training, 2 processes on the one GPU with NCCL, against the same run
             in one process (float64); NCCL refuses two ranks on one device, which is then reported as
             SKIP with NCCL's reason, and the same check runs with gloo on the CUDA tensors instead
@@ -257,7 +258,7 @@ def part_meta_step(args):
         path = tmp / f"meta_step_k{k}.json"
         argv = ["--device", args.device, "--model", out["model"], "--classes", str(out["classes"]), "--k", str(k),
                 "--tasks", str(out["tasks"]), "--repeats", "3" if cuda else "1", "--threads", "1" if not cuda else str(min(8, os.cpu_count() or 1)),
-                "--variants", "plain,meta2,meta1,higher2", "--json", str(path)]
+                "--variants", "plain,meta2,meta2b,meta1,higher2", "--json", str(path)]
         if not cuda:
             argv.append("--no-memory")  # the CPU memory figure needs fresh subprocesses: not for a dry run
         print("bench_meta_step.py " + " ".join(argv), flush=True)
@@ -479,14 +480,16 @@ def markdown(env, results):
     ms = results.get("meta_step", {}).get("figures")
     if ms:
         lines += ["", f"meta_step: {ms['model']} text tower, {ms['classes']} classes, {ms['tasks']} tasks, second order", "",
-                  "| k | plain s | meta2 s | meta1 s | higher2 s | meta2/plain | higher2/meta2 | peak MiB plain / meta2 / higher2 | meta2/higher2 mem |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| k | plain s | meta2 s | meta2b s | meta1 s | higher2 s | meta2/plain | meta2b/plain | higher2/meta2 | higher2/meta2b | peak MiB plain / meta2 / meta2b / higher2 | meta2/higher2 mem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, row in ms["per_k"].items():
             m, r, pk = row["median_s"], row["ratios"], row.get("peak_mib", {})
+            nan = float("nan")
             lines.append(
-                f"| {k} | {m.get('plain', 0):.4f} | {m.get('meta2', 0):.4f} | {m.get('meta1', 0):.4f} | {m.get('higher2', 0):.4f} | "
-                f"{r.get('meta2/plain time', float('nan')):.2f} | {r.get('higher2/meta2 time (speed-up)', float('nan')):.2f} | "
-                + (" / ".join(f"{pk.get(v, float('nan')):.0f}" for v in ("plain", "meta2", "higher2")) if pk else "-")
+                f"| {k} | {m.get('plain', 0):.4f} | {m.get('meta2', 0):.4f} | {m.get('meta2b', 0):.4f} | {m.get('meta1', 0):.4f} | "
+                f"{m.get('higher2', 0):.4f} | {r.get('meta2/plain time', nan):.2f} | {r.get('meta2b/plain time', nan):.2f} | "
+                f"{r.get('higher2/meta2 time (speed-up)', nan):.2f} | {r.get('higher2/meta2b time (speed-up)', nan):.2f} | "
+                + (" / ".join(f"{pk.get(v, nan):.0f}" for v in ("plain", "meta2", "meta2b", "higher2")) if pk else "-")
                 + f" | {r.get('meta2/higher2 peak memory', float('nan')):.3f} |")
     lines += ["", "```json", json.dumps({p: r.get("figures") for p, r in results.items()}, indent=1, default=str), "```", ""]
     return "\n".join(lines)

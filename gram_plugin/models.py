@@ -8,6 +8,7 @@ Only the prompt tensors are parameters that train; the backbone is frozen.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,12 +174,55 @@ class PromptedCLIP(nn.Module):
     forward = logits
 
     def loss(self, batch: dict) -> torch.Tensor:
-        logits = self.logits(batch)
+        return self._cross_entropy(self.logits(batch), batch)
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         labels = batch["labels"].to(torch.long)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
             raise ValueError(f"labels run from {int(labels.min())} to {int(labels.max())} but the batch has "
                              f"{logits.shape[-1]} class names (mismatched class counts)")
         return F.cross_entropy(logits, labels)
+
+    def _class_token_ids(self, classnames) -> torch.Tensor:
+        """Token ids of the class prompts (as :meth:`set_classnames` builds them), cached per class list."""
+        key = tuple(str(c).replace("_", " ") for c in classnames)
+        cache = self.__dict__.setdefault("_token_id_cache", OrderedDict())
+        if key not in cache:
+            placeholder = " ".join(["X"] * self.n_ctx)
+            cache[key] = self.backbone.tokenize([f"{placeholder} {c}." for c in key])
+            while len(cache) > 256:  # ids only (classes x 77 ints): a few MB at most
+                cache.popitem(last=False)
+        return cache[key]
+
+    def batched_losses(self, params_list: list, batches: list) -> list[torch.Tensor]:
+        """Losses of several tasks through one text-tower forward (CoOp mode).
+
+        Task i's class prompts are built from its own context ``params_list[i]["ctx"]`` and its
+        ``batches[i]["classnames"]``; the rows of all tasks are stacked into one batch for the text
+        tower, then split back. Same values as ``[loss with ctx = p["ctx"] on b]`` per task, without
+        touching the model's current class names. Used by :class:`~gram_plugin.metabatch.BatchedMetaStep`.
+        """
+        if not (self.uses_text_prompt and not self.uses_visual_prompt):
+            raise ValueError(f"batched_losses needs text prompts only (mode 'coop'), not mode {self.mode!r}")
+        rows, ids, sizes = [], [], []
+        for params, batch in zip(params_list, batches):
+            if "classnames" not in batch:
+                raise KeyError("batched_losses needs batch['classnames'] for every task")
+            task_ids = self._class_token_ids(batch["classnames"])
+            emb = self.backbone.embed_tokens(task_ids)
+            ctx = params["ctx"].to(emb.dtype).unsqueeze(0).expand(len(task_ids), -1, -1)
+            rows.append(torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1))
+            ids.append(task_ids)
+            sizes.append(len(task_ids))
+        text = self.backbone.encode_text_embeddings(torch.cat(rows), torch.cat(ids))
+        scale = self.backbone.logit_scale.float()
+        losses = []
+        for batch, txt in zip(batches, text.split(sizes)):
+            img = F.normalize(self.image_features(batch).float(), dim=-1)
+            logits = scale * img @ F.normalize(txt.float(), dim=-1).t()
+            losses.append(self._cross_entropy(logits, batch))
+        return losses
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> float:
@@ -189,7 +233,10 @@ class PromptedCLIP(nn.Module):
         """``loss_fn(params, batch)`` for :class:`~gram_plugin.meta.MetaPromptTrainer`."""
         from .metastep import module_loss
 
-        return module_loss(self, lambda module, batch: module.loss(batch))
+        fn = module_loss(self, lambda module, batch: module.loss(batch))
+        if self.uses_text_prompt and not self.uses_visual_prompt:
+            fn.batched = self.batched_losses  # lets BatchedMetaStep run a meta-batch in one text forward
+        return fn
 
     def config(self) -> dict[str, Any]:
         return {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
