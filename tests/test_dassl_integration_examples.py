@@ -8,8 +8,8 @@ written (PREC fp16, prompt depths, ``cfg.GRAM.*``) except what makes it a small 
 shared Caltech101 (tests/fixtures/upstream.py: tiny random CLIP, ``INPUT.SIZE 32``, 1 shot of the
 base classes, one epoch, no test pass), a batch size of 4 (so each config takes several steps),
 and ``GRAM.INIT``: a config that names an init file gets one made for the tiny trainer's prompt
-tensors. MaPLe reads an 8-class Caltech101 with 2 shots (its 512/768-wide fp16 towers are slow on
-CPU). The tiny CLIP has 2 layers, so prompt depths beyond 2 create prompts no layer uses (they get
+tensors. CoCoOp, MaPLe and PromptSRC read an 8-class Caltech101 with 2 shots (``SMALL_DATA``: slow
+on CPU in fp16). The tiny CLIP has 2 layers, so prompt depths beyond 2 create prompts no layer uses (they get
 no gradient), as in upstream with a shallower backbone.
 """
 
@@ -35,7 +35,9 @@ from gram_plugin.adapters import add_gram_cfg, adapter_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIGS = sorted((REPO / "examples").glob("*/configs/trainers/*/*.yaml"))
-SMALL_DATA = {"MaPLe": (8, "2")}  # trainer -> (classes, shots)
+# trainer -> (classes, shots): 8 Caltech101 classes (4 base) where upstream is slow on CPU: MaPLe's
+# 512/768-wide fp16 towers, CoCoOp's text encoder run per image, PromptSRC's 60-template class features
+SMALL_DATA = {"MaPLe": (8, "2"), "CoCoOp": (8, "2"), "PromptSRC": (8, "2")}
 
 
 def test_the_examples_have_configs():
@@ -85,12 +87,19 @@ def test_example_config_drives_its_real_trainer(config, caltech, weights_dir, tm
         # the fork: add_gram_cfg at the end of extend_cfg, wrap(trainer) after build_trainer
         extend_cfg = up.train.extend_cfg
         monkeypatch.setattr(up.train, "extend_cfg", lambda cfg: (extend_cfg(cfg), add_gram_cfg(cfg)))
-        built, seen = [], []
+        init_path = tmp_path / "init.safetensors"
+        if gram["INIT"]:  # the config names an init file: GRAM.INIT points at one made for this trainer
+            opts += ["GRAM.INIT", str(init_path)]
+        built, seen, init = [], [], {}
 
         def build_and_wrap(cfg):
             trainer = build_trainer(cfg)
-            built.append((trainer, gram_plugin.adapters.wrap(trainer)))
             params = adapter_for(trainer).prompt_parameters()
+            if cfg.GRAM.INIT:  # written now, before wrap reads it: its shapes are the built trainer's
+                g = torch.Generator().manual_seed(11)
+                init.update({n: (0.05 * torch.randn(p.shape, generator=g)).to(p.dtype) for n, p in params.items()})
+                init_file(init, random_regulator({n: tuple(p.shape) for n, p in params.items()}, seed=2)).save(init_path)
+            built.append((trainer, gram_plugin.adapters.wrap(trainer)))
 
             def record_first_prompts(module, args):  # the prompts the first step starts from
                 if not seen:
@@ -102,15 +111,6 @@ def test_example_config_drives_its_real_trainer(config, caltech, weights_dir, tm
         monkeypatch.setattr(up.train, "build_trainer", build_and_wrap)
         monkeypatch.setattr(up.train, "collect_env_info", lambda: "(not collected in the test)")
 
-        init = None
-        if gram["INIT"]:  # the config names an init: make one for this trainer's prompt tensors
-            probe = build_trainer(up.train.setup_cfg(fork_args(up, config, data_root, tmp_path / "probe", [*opts, "GRAM.ENABLED", "False"])))
-            params = adapter_for(probe).prompt_parameters()
-            g = torch.Generator().manual_seed(11)
-            init = {n: (0.05 * torch.randn(p.shape, generator=g)).to(p.dtype) for n, p in params.items()}
-            reg = random_regulator({n: tuple(p.shape) for n, p in params.items()}, seed=2)
-            opts += ["GRAM.INIT", str(init_file(init, reg).save(tmp_path / "init.safetensors"))]
-
         up.train.main(fork_args(up, config, data_root, tmp_path / "out", opts))
 
         (trainer, handle), = built
@@ -118,10 +118,10 @@ def test_example_config_drives_its_real_trainer(config, caltech, weights_dir, tm
         assert n_steps >= 2
         assert handle.enabled and handle.hooks, handle
         assert handle.hooks[0].steps == n_steps  # every step of the epoch regulated
-        assert (handle.regulator is not None) == (init is not None), handle  # REGULATOR "init": the one saved with the init
+        assert (handle.regulator is not None) == bool(init), handle  # REGULATOR "init": the one saved with the init
         if gram.get("PROGRAD"):
             assert "forward_backward" in trainer.__dict__  # ProGrad's wrapper installed
-        if init is not None:
+        if init:
             assert sorted(handle.init_names) == sorted(init)
             for n, t in init.items():
                 assert torch.equal(seen[0][n], t), n  # training started from the init
