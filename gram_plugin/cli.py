@@ -64,7 +64,7 @@ DEMO_SETTINGS = dict(meta_steps=30, inner_lr=0.05, inner_steps=2, outer_lr=0.01,
 
 # flags whose name is not the field's name with dashes
 _FLAG_OF = {"steps": "--meta-steps", "prograd_lambda": "--prograd", "use_regulator": "--no-regulator"}
-_PROMPT_FIELDS = ("mode", "n_ctx", "n_vpt", "vpt_deep")  # an init file fixes these
+_PROMPT_FIELDS = ("mode", "n_ctx", "n_vpt", "vpt_deep", "visual_prompt", "pixel_layout", "pixel_pad")  # an init file fixes these
 RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "init.safetensors", "prompt.safetensors", "accuracy.png", "meta")
 _NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out"}
 

@@ -2,7 +2,10 @@
 
 Text prompts follow CoOp: the prompt is ``[SOS] ctx_1 .. ctx_n {classname}. [EOS]`` built by
 tokenising ``"X X .. X {classname}."`` and replacing the n placeholder embeddings with the learned
-context. Visual prompts follow VPT (shallow: tokens at the input; deep: fresh tokens per layer).
+context. Visual prompts are either VPT tokens (shallow: tokens at the input; deep: fresh tokens per
+layer; ViT towers only) or a pixel-space prompt added to the image (Bahng et al. 2022; any tower,
+:mod:`gram_plugin.pixel_prompt`). On a tower without tokens (ProxyCLIP v2's CNN) ``"vpt"`` and
+``"unigram"`` therefore use the pixel prompt: UNIGRAM there is text context + pixel prompt.
 Only the prompt tensors are parameters that train; the backbone is frozen.
 """
 
@@ -17,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import integer_at_least, one_of, raise_problems
+from .pixel_prompt import LAYOUTS, PixelPrompt
 from .prompts import mark_prompts
 
 MODES = ("coop", "vpt", "unigram")
+VISUAL_PROMPTS = ("tokens", "pixels")
 
 
 @dataclass
@@ -31,9 +36,16 @@ class PromptConfig:
     ctx_init: str | None = "a photo of a"  # phrase of n_ctx words, or None for random N(0, 0.02)
     n_vpt: int = 4  # visual prompt tokens per layer
     vpt_deep: bool = False  # one set of visual prompts per image-tower layer
+    # "tokens" (VPT) or "pixels" (gram_plugin.pixel_prompt); None: tokens if the tower has them, else pixels
+    visual_prompt: str | None = None
+    pixel_layout: str = "padding"  # pixel prompt on a border ("padding") or on every pixel ("patch")
+    pixel_pad: int | None = None  # border width; None: the paper's 30 px at 224 px, scaled to the input size
 
     def __post_init__(self):
         problems = one_of("mode", self.mode, MODES)
+        if self.visual_prompt is not None:
+            problems += one_of("visual_prompt", self.visual_prompt, VISUAL_PROMPTS)
+        problems += one_of("pixel_layout", self.pixel_layout, LAYOUTS)
         if self.mode != "vpt":  # the other mode's count is unused (models record it as 0)
             problems += integer_at_least("n_ctx", self.n_ctx, 1)
         if self.mode != "coop":
@@ -56,6 +68,11 @@ class PromptConfig:
                 f"(start, class name, '.', end) and its text tower takes {limit}, so n_ctx <= {limit - 4}")
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features are compared in float32; float64 stays float64 (exact gradient tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class PromptedCLIP(nn.Module):
     """Prompt-tuned CLIP classifier.
 
@@ -66,14 +83,20 @@ class PromptedCLIP(nn.Module):
         ctx_init: phrase to initialise the context from (its word count must equal n_ctx), or
             ``None`` for random N(0, 0.02) init as in CoOp.
         n_vpt: visual prompt tokens per layer; ``vpt_deep``: one set per image-tower layer.
+        visual_prompt: ``"tokens"`` (VPT) or ``"pixels"`` (:class:`~gram_plugin.pixel_prompt.PixelPrompt`);
+            ``None`` picks tokens when the image tower has them (``backbone.vision_width``), else pixels.
+        pixel_layout, pixel_pad: the pixel prompt's layout (``"padding"`` / ``"patch"``) and border
+            width (default: the paper's 30 px at 224 px, scaled to ``backbone.image_size``).
         classnames: initial class names (``set_classnames`` changes them).
     """
 
     def __init__(self, backbone, mode: str = PromptConfig.mode, n_ctx: int = PromptConfig.n_ctx,
                  ctx_init: str | None = PromptConfig.ctx_init, n_vpt: int = PromptConfig.n_vpt,
-                 vpt_deep: bool = PromptConfig.vpt_deep, classnames: list[str] | None = None, seed: int = 0):
+                 vpt_deep: bool = PromptConfig.vpt_deep, classnames: list[str] | None = None, seed: int = 0,
+                 visual_prompt: str | None = PromptConfig.visual_prompt,
+                 pixel_layout: str = PromptConfig.pixel_layout, pixel_pad: int | None = PromptConfig.pixel_pad):
         super().__init__()
-        PromptConfig(mode, n_ctx, ctx_init, n_vpt, vpt_deep).check_backbone(backbone)
+        PromptConfig(mode, n_ctx, ctx_init, n_vpt, vpt_deep, visual_prompt, pixel_layout, pixel_pad).check_backbone(backbone)
         self.backbone = backbone
         self.mode = mode
         self.uses_text_prompt = mode in ("coop", "unigram")
@@ -94,16 +117,28 @@ class PromptedCLIP(nn.Module):
                 ctx = torch.randn(n_ctx, backbone.ctx_dim, generator=gen) * 0.02
             self.ctx = nn.Parameter(ctx.to(dtype))
             names.append("ctx")
-        if self.uses_visual_prompt:
+        if visual_prompt is None:
+            visual_prompt = "tokens" if backbone.vision_width is not None else "pixels"
+        if visual_prompt not in VISUAL_PROMPTS:
+            raise ValueError(f"visual_prompt must be one of {VISUAL_PROMPTS} or None, got {visual_prompt!r}")
+        self.visual_prompt = visual_prompt if self.uses_visual_prompt else None
+        self.pixel_prompt = None
+        if self.uses_visual_prompt and visual_prompt == "pixels":
+            size = getattr(backbone, "image_size", None)
+            if not isinstance(size, int):
+                raise ValueError(f"backbone {backbone.name} has no integer image_size: a pixel prompt needs the input size")
+            self.pixel_prompt = PixelPrompt(size, pixel_layout, pixel_pad)
+            names.append("pixel_prompt.prompt")
+        elif self.uses_visual_prompt:
             if backbone.vision_width is None:
-                raise ValueError(f"backbone {backbone.name} does not support visual prompts")
+                raise ValueError(f"backbone {backbone.name} has no visual tokens to prompt; use visual_prompt='pixels'")
             layers = backbone.vision_layers if vpt_deep else 1
             self.vpt = nn.ParameterList(
                 [nn.Parameter(torch.randn(n_vpt, backbone.vision_width, generator=gen) * 0.02) for _ in range(layers)]
             )
             names += [f"vpt.{i}" for i in range(layers)]
-        self.n_vpt = n_vpt if self.uses_visual_prompt else 0
-        self.vpt_deep = vpt_deep and self.uses_visual_prompt
+        self.n_vpt = n_vpt if self.visual_prompt == "tokens" else 0
+        self.vpt_deep = vpt_deep and self.visual_prompt == "tokens"
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         mark_prompts(self, names=names)
@@ -135,7 +170,7 @@ class PromptedCLIP(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def visual_prompts(self) -> list[torch.Tensor] | None:
-        return list(self.vpt) if self.uses_visual_prompt else None
+        return list(self.vpt) if self.visual_prompt == "tokens" else None
 
     def text_features(self) -> torch.Tensor:
         if not self.classnames:
@@ -153,7 +188,8 @@ class PromptedCLIP(nn.Module):
                 raise ValueError("batch has precomputed 'features' but this model learns visual prompts; pass 'images'")
             return batch["features"]
         if "images" in batch:
-            return self.backbone.encode_image(batch["images"], self.visual_prompts())
+            images = batch["images"] if self.pixel_prompt is None else self.pixel_prompt(batch["images"])
+            return self.backbone.encode_image(images, self.visual_prompts())
         raise KeyError("batch needs 'images' or 'features'")
 
     def logits(self, batch: dict | torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,9 +203,13 @@ class PromptedCLIP(nn.Module):
             batch = {"images": batch}
         if "classnames" in batch:
             self.set_classnames(list(batch["classnames"]))
-        img = F.normalize(self.image_features(batch).float(), dim=-1)
-        txt = F.normalize((self.text_features() if text_features is None else text_features).float(), dim=-1)
-        return self.backbone.logit_scale.float() * img @ txt.t()
+        return self._cosine_logits(self.image_features(batch),
+                                   self.text_features() if text_features is None else text_features)
+
+    def _cosine_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        img = F.normalize(_at_least_float32(image_features), dim=-1)
+        txt = F.normalize(_at_least_float32(text_features), dim=-1).to(img.dtype)
+        return _at_least_float32(self.backbone.logit_scale).to(img.dtype) * img @ txt.t()
 
     forward = logits
 
@@ -216,12 +256,9 @@ class PromptedCLIP(nn.Module):
             ids.append(task_ids)
             sizes.append(len(task_ids))
         text = self.backbone.encode_text_embeddings(torch.cat(rows), torch.cat(ids))
-        scale = self.backbone.logit_scale.float()
         losses = []
         for batch, txt in zip(batches, text.split(sizes)):
-            img = F.normalize(self.image_features(batch).float(), dim=-1)
-            logits = scale * img @ F.normalize(txt.float(), dim=-1).t()
-            losses.append(self._cross_entropy(logits, batch))
+            losses.append(self._cross_entropy(self._cosine_logits(self.image_features(batch), txt), batch))
         return losses
 
     @torch.no_grad()
@@ -239,6 +276,10 @@ class PromptedCLIP(nn.Module):
         return fn
 
     def config(self) -> dict[str, Any]:
-        return {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
-                "vpt_deep": self.vpt_deep, "backbone": self.backbone.name}
+        out = {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
+               "vpt_deep": self.vpt_deep, "backbone": self.backbone.name}
+        if self.pixel_prompt is not None:
+            pp = self.pixel_prompt
+            out.update(visual_prompt="pixels", pixel_layout=pp.layout, pixel_pad=pp.pad, image_size=pp.image_size)
+        return out
 

@@ -136,7 +136,7 @@ class MiniLMTextCLIP(nn.Module):
 
     ctx_dim = 384
     embed_dim = 384
-    vision_width = None  # no token sequence in the image tower to prompt (VPT/UNIGRAM unsupported)
+    vision_width = None  # no token sequence to prompt (VPT tokens unsupported; pixel prompts work: pixel_prompt.py)
     vision_layers = 0
     context_length = TEXT_LENGTH  # tokens the text tower takes (the prompt length limit)
 

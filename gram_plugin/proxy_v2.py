@@ -86,11 +86,11 @@ def load_lite0() -> nn.Module:
     return net.eval()
 
 
-def preprocess_224():
-    """Resize the shorter side to 224 (bicubic), centre-crop 224, TF-style normalisation."""
+def preprocess_224(size: int = IMAGE_SIZE):
+    """Resize the shorter side to ``size`` (224, bicubic), centre-crop, TF-style normalisation."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(IMAGE_SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(IMAGE_SIZE),
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize((TF_MEAN,) * 3, (TF_STD,) * 3)])
 
 
@@ -100,19 +100,21 @@ class ProxyCLIPv2(MiniLMTextCLIP):
     Args:
         top_t: how many of the most probable ImageNet classes ConSE combines (T).
         logit_scale: the fixed multiplier of cosine logits (CLIP's is 100).
+        image_size: input side in pixels (224, the checkpoint's); a smaller one is cheaper where
+            images must pass the tower at every step (pixel prompts) and is named in ``name``.
     """
 
-    def __init__(self, top_t: int = 10, logit_scale: float = 50.0):
+    def __init__(self, top_t: int = 10, logit_scale: float = 50.0, image_size: int = IMAGE_SIZE):
         super().__init__()
         if not 1 <= top_t <= 1000:
             raise ValueError(f"top_t must be in [1, 1000], got {top_t}")
         self.visual = load_lite0()
         self.top_t = int(top_t)
-        self.image_size = IMAGE_SIZE
-        self.preprocess = preprocess_224()
+        self.image_size = int(image_size)
+        self.preprocess = preprocess_224(self.image_size)
         self.register_buffer("class_embeddings", self._imagenet_name_embeddings(), persistent=False)
         self.register_buffer("_logit_scale", torch.tensor(float(logit_scale)), persistent=False)
-        self.name = f"proxy-v2-lite0-conse{self.top_t}"
+        self.name = f"proxy-v2-lite0-conse{self.top_t}" + ("" if self.image_size == IMAGE_SIZE else f"-{self.image_size}px")
         self._weights = _weights_digest(lite0_weights_path())
 
     @property
