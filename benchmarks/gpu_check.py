@@ -24,7 +24,7 @@ Usage, from the repo root (on the device: ``bash benchmarks/gpu_check.sh``, whic
 
     python3 benchmarks/gpu_check.py [--parts amp,fp16,meta_step,dist] [--out DIR] [--budget 450]
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` (and one log per part) into ``$OUT`` / ``--out``;
+Writes ``gpu_check.json`` (figures and each part's log tail) and ``gpu_check.md`` into ``$OUT`` / ``--out``;
 prints PASS / FAIL / SKIP per part with its figures; exit status 1 if any part failed.
 """
 
@@ -43,9 +43,33 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT / "tests", ROOT / "benchmarks"):  # fixtures.* / conftest; bench_meta_step
+for extra in (ROOT / "tests", ROOT / "benchmarks", ROOT):  # fixtures.* / conftest; bench_meta_step; the project
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
+
+
+def _project_importable():
+    """Import the project from this checkout without installing it: a GPU box without network cannot
+    build an editable install (setuptools' fallback fetches build dependencies). ``adapters/`` installs
+    as ``gram_plugin.adapters`` (setup.py's package_dir); without an install, map it by hand."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("gram_plugin.adapters") is not None:
+            return
+    except ModuleNotFoundError:
+        pass
+    import gram_plugin
+
+    spec = importlib.util.spec_from_file_location("gram_plugin.adapters", ROOT / "adapters" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "adapters")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gram_plugin.adapters"] = module
+    spec.loader.exec_module(module)
+    gram_plugin.adapters = module
+
+
+_project_importable()
 
 PARTS = ("amp", "fp16", "meta_step", "dist")
 TIMEOUT_S = {"amp": 90, "fp16": 120, "meta_step": 240, "dist": 150}
@@ -511,6 +535,11 @@ def main(argv=None):
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # per-part logs and results stay out of $OUT: the device returns at most 8 files from it, so it gets
+    # gpu_check.json (with every part's log tail) and gpu_check.md only
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     env = environment()
     device = "cuda" if env["cuda"] else "cpu"
     print(f"gpu_check: device {env.get('gpu', 'none: DRY RUN on the CPU')}, torch {env['torch']}, out {out}", flush=True)
@@ -524,9 +553,8 @@ def main(argv=None):
             results[part] = {"status": "SKIP", "reason": f"time budget ({args.budget:.0f} s) used up"}
             print(f"[SKIP] {part}: {results[part]['reason']}", flush=True)
             continue
-        res_file, log_file = out / f"{part}.result.json", out / f"{part}.log"
-        res_file.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "--part", part, "--result", str(res_file), "--device", device, "--workdir", str(out)]
+        res_file, log_file = work / f"{part}.result.json", work / f"{part}.log"
+        cmd = [sys.executable, __file__, "--part", part, "--result", str(res_file), "--device", device, "--workdir", str(work)]
         t0 = time.perf_counter()
         with open(log_file, "w") as log:
             try:
@@ -538,17 +566,20 @@ def main(argv=None):
         if res_file.exists():
             results[part] = json.loads(res_file.read_text())
         elif rc == "timeout":
-            results[part] = {"status": "FAIL", "reason": f"timed out after {timeout:.0f} s (log: {log_file.name})"}
+            results[part] = {"status": "FAIL", "reason": f"timed out after {timeout:.0f} s"}
         else:
             tail = log_file.read_text()[-600:]
             results[part] = {"status": "FAIL", "reason": f"exit status {rc} without a result; log tail: {tail}"}
         results[part].setdefault("seconds", time.perf_counter() - t0)
+        results[part]["log_tail"] = log_file.read_text(errors="replace")[-3000:]
         r = results[part]
         print(f"[{r['status']}] {part} ({r['seconds']:.1f} s)" + (f": {r['reason']}" if r.get("reason") else ""), flush=True)
         if r.get("figures"):
             print(json.dumps(r["figures"], indent=1, default=str), flush=True)
         if r.get("traceback"):
             print(r["traceback"], flush=True)
+        elif r["status"] == "FAIL":
+            print(r["log_tail"], flush=True)
     env["loadavg_end"] = os.getloadavg()
     env["total_s"] = time.perf_counter() - start
     (out / "gpu_check.json").write_text(json.dumps({"environment": env, "results": results}, indent=1, default=str))

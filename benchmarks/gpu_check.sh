@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_check.sh [gpu_check.py args]   # on the GPU box, from any directory
 #
 # The README's setup is `pip install -c constraints.txt -e ".[clip,chc,proxy,dev]"`; a GPU box with
-# no network cannot resolve it (and brings its own torch), so this installs the same project,
-# editable and without dependencies, plus the carried wheels of what is missing there.
+# no network cannot resolve it (and brings its own torch), so this installs only the carried wheels of
+# what is missing there and runs the project from the checkout.
 # Everything is bounded by timeouts: the whole script ends within ~9 minutes.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,10 +35,8 @@ if [ -n "$missing" ]; then
         echo "setup: no .whl/ folder: parts needing $missing will FAIL (run --fetch-wheels where PyPI is reachable, carry .whl)"
     fi
 fi
-if ! $PY -c "import gram_plugin.adapters" 2>/dev/null; then
-    timeout 120 $PY -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e . \
-        || echo "setup: editable install of the project failed"
-fi
+# The project itself is imported from this checkout (gpu_check.py maps adapters/ to gram_plugin.adapters):
+# an editable install cannot be built offline there (setuptools' develop fallback fetches build deps).
 echo "setup: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
 exec timeout 500 $PY benchmarks/gpu_check.py "$@"
