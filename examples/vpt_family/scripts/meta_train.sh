@@ -1,17 +1,19 @@
 #!/bin/bash
-# Meta-train a method's prompts on the base classes of a dataset (run from the fork's root).
-# usage: bash meta_train.sh DATASET TRAINER CFG [--regulator]
-#   bash meta_train.sh imagenet IVLP vit_b16_c2_ep5_batch4_2+2ctx_gram --regulator     # UNIGRAM
-#   bash meta_train.sh imagenet PromptSRC vit_b16_c2_ep20_batch4_4+4ctx_gram          # MP-PromptSRC
-#   bash meta_train.sh imagenet VPT vit_b16_c2_ep5_batch4_4_gram --regulator           # GRAM-VPT
+# Meta-train a method's prompts through its own trainer on the base classes of a dataset
+# (run from the fork's root; gram-plugin meta-train --dassl-config X -h lists every option).
+# usage: bash meta_train.sh DATASET TRAINER CFG [--no-regulator]
+#   bash meta_train.sh imagenet IVLP vit_b16_c2_ep5_batch4_2+2ctx_gram                   # UNIGRAM
+#   bash meta_train.sh imagenet PromptSRC vit_b16_c2_ep20_batch4_4+4ctx_gram --no-regulator  # MP-PromptSRC
+#   bash meta_train.sh imagenet VPT vit_b16_c2_ep5_batch4_4_gram                         # GRAM-VPT
 DATA=${DATA:-/path/to/datasets}
 DATASET=$1
 TRAINER=$2
 CFG=$3
-REG=$4
+NOREG=$4
+SUFFIX=_gram
+[ -n "${NOREG}" ] && SUFFIX=
+NAME=${TRAINER}_${DATASET}${SUFFIX}
 mkdir -p inits
-python meta_train.py --root ${DATA} --trainer ${TRAINER} \
-    --dataset-config-file configs/datasets/${DATASET}.yaml \
-    --config-file configs/trainers/${TRAINER}/${CFG}.yaml \
-    --out inits/${TRAINER}_${DATASET}${REG:+_gram}.safetensors \
-    --run-dir output/meta/${TRAINER}_${DATASET}${REG:+_gram} ${REG}
+gram-plugin meta-train --dassl-config configs/trainers/${TRAINER}/${CFG}.yaml \
+    --dataset-config configs/datasets/${DATASET}.yaml --trainer ${TRAINER} --root ${DATA} \
+    --out inits/${NAME}.safetensors --run-dir output/meta/${NAME} ${NOREG}
