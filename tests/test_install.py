@@ -9,6 +9,7 @@ those folders' own ``.pth`` files -- the running environment's editable gram-plu
 are not executed and cannot shadow the install under test.
 """
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -48,7 +49,10 @@ def _pip(python: Path, *args: str) -> None:
 
 @pytest.mark.slow
 def test_wheel_layout_and_normal_install(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+    # from a copy without the checkout's build/ folder: setuptools would pack stale files left there
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", ".git", "runs", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
                     "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("gram_plugin-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
