@@ -16,7 +16,10 @@ from __future__ import annotations
 
 def add_gram_cfg(cfg) -> None:
     """Add ``cfg.GRAM`` with its defaults (the plug-in is off until ``GRAM.ENABLED True``)."""
-    from yacs.config import CfgNode as CN
+    try:
+        from yacs.config import CfgNode as CN
+    except ModuleNotFoundError:
+        raise ImportError('add_gram_cfg needs yacs, which comes with the \'dassl\' extra: pip install "gram-plugin[dassl]"') from None
 
     cfg.GRAM = CN()
     cfg.GRAM.ENABLED = False

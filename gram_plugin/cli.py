@@ -667,6 +667,14 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = _apply_yaml(parser, argv)
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as e:  # an optional dependency: name the extra that installs it
+        from .extras import missing_extra_message
+
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"gram-plugin: error: {message}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, RuntimeError, OSError) as e:
         print(f"gram-plugin: error: {e}", file=sys.stderr)
         return 2
