@@ -55,3 +55,31 @@ def test_clear_errors(tmp_path, capsys):
     assert "no built proxy" in capsys.readouterr().err
     assert main(["tune", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nowhere"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_default_comes_from_the_config_dataclasses():
+    import dataclasses
+
+    from gram_plugin.cli import DEMO_SETTINGS, DataConfig, build_parser
+    from gram_plugin.finetune import TuneConfig
+    from gram_plugin.meta import MetaConfig
+    from gram_plugin.models import PromptConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    option = {"steps": "meta_steps", "prograd_lambda": "prograd"}
+    for command, classes in (("meta-train", (MetaConfig, DataConfig)), ("tune", (TuneConfig, DataConfig)),
+                             ("eval", (DataConfig,))):
+        defaults = {a.dest: a.default for a in sub[command]._actions}
+        checked = 0
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                name = option.get(f.name, f.name)
+                if name in defaults:
+                    assert defaults[name] == f.default, (command, f.name)
+                    checked += 1
+        assert checked == {"meta-train": 18, "tune": 10, "eval": 4}[command], (command, checked)
+        # the prompt settings default to None: an init file may fix them, else PromptConfig's
+        assert all(defaults[k] is None for k in ("mode", "n_ctx", "n_vpt", "vpt_deep"))
+        assert defaults["ctx_init"] == PromptConfig.ctx_init
+    demo = {a.dest: a.default for a in sub["demo"]._actions}
+    assert {k: demo[k] for k in DEMO_SETTINGS} == DEMO_SETTINGS
