@@ -245,16 +245,18 @@ class PromptedCLIP(nn.Module):
         """
         if not (self.uses_text_prompt and not self.uses_visual_prompt):
             raise ValueError(f"batched_losses needs text prompts only (mode 'coop'), not mode {self.mode!r}")
-        rows, ids, sizes = [], [], []
-        for params, batch in zip(params_list, batches):
-            if "classnames" not in batch:
-                raise KeyError("batched_losses needs batch['classnames'] for every task")
-            task_ids = self._class_token_ids(batch["classnames"])
+        if any("classnames" not in batch for batch in batches):
+            raise KeyError("batched_losses needs batch['classnames'] for every task")
+        # one tokenizer call for all tasks: a tokenizer that pads to the longest text of the call
+        # (the proxies' MiniLM) then gives every task's ids the same length
+        sizes = [len(batch["classnames"]) for batch in batches]
+        all_ids = self._class_token_ids([c for batch in batches for c in batch["classnames"]]).split(sizes)
+        rows, ids = [], []
+        for params, task_ids in zip(params_list, all_ids):
             emb = self.backbone.embed_tokens(task_ids)
             ctx = params["ctx"].to(emb.dtype).unsqueeze(0).expand(len(task_ids), -1, -1)
             rows.append(torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1))
             ids.append(task_ids)
-            sizes.append(len(task_ids))
         text = self.backbone.encode_text_embeddings(torch.cat(rows), torch.cat(ids))
         losses = []
         for batch, txt in zip(batches, text.split(sizes)):

@@ -109,3 +109,24 @@ def test_trainer_batches_tasks_when_asked_and_learns_the_same_init():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-13)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_batched_losses_on_a_tokenizer_that_pads_per_call():
+    """The proxies' MiniLM pads to the longest text of a call: tasks whose class prompts tokenize
+    to different lengths still stack (this raised a size mismatch on the default backbone)."""
+    from gram_plugin.proxy import load_proxy
+
+    torch.set_num_threads(1)
+    model = PromptedCLIP(load_proxy(), "coop", n_ctx=4, ctx_init="a photo of a")
+    bb = model.backbone
+    short, long = ["cat", "dog"], ["golden retriever", "sea turtle", "grand piano"]
+    assert bb.tokenize(["X X X X cat."]).shape[1] != bb.tokenize(["X X X X golden retriever."]).shape[1]
+    g = torch.Generator().manual_seed(0)
+    batches = [{"features": torch.randn(4, bb.embed_dim, generator=g), "labels": torch.tensor([0, 1, 1, 0]),
+                "classnames": cls} for cls in (short, long)]
+    batches[1]["labels"] = torch.tensor([0, 1, 2, 2])
+    params = {"ctx": model.ctx}
+    batched = model.batched_losses([params, params], batches)
+    loss_fn = model.meta_loss_fn()
+    for b, loss in zip(batches, batched):
+        assert float(loss) == pytest.approx(float(loss_fn(params, b)), rel=1e-5)
