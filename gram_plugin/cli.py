@@ -116,8 +116,9 @@ class Run:
         saved = self.dir / "config.yaml"
         if resume and saved.exists():
             before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-            differ = sorted(k for k in set(before) | set(self.config)
-                            if k not in _NOT_COMPARED_ON_RESUME and before.get(k) != self.config.get(k))
+            # options both know (a run written by an older gram-plugin lacks the newer ones)
+            differ = sorted(k for k in set(before) & set(self.config)
+                            if k not in _NOT_COMPARED_ON_RESUME and before[k] != self.config[k])
             if differ:
                 raise CLIError(f"--resume: options differ from the run's config.yaml in {self.dir}: "
                                + ", ".join(f"{k} {before.get(k)!r} -> {self.config.get(k)!r}" for k in differ))
