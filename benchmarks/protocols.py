@@ -58,7 +58,7 @@ CTX_INIT = "a photo of a"
 def load_data(backbone, args) -> dict:
     cache = FeatureCache(args.feature_cache, progress=not args.quiet)
     return benchmark_sets(backbone.preprocess, args.data_dir, args.cache_dir, split_seed=0,
-                          attach=lambda ds: cache.attach(backbone, ds))
+                          attach=lambda ds: cache.attach(backbone, ds), targets=args.targets)
 
 
 # -- methods ----------------------------------------------------------------------------------------

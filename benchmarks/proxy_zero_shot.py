@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     bb = ProxyCLIPv2()
     cache = FeatureCache(args.feature_cache)
-    sets = D.benchmark_sets(bb.preprocess, args.data_dir, args.cache_dir, attach=lambda ds: cache.attach(bb, ds))
+    sets = D.benchmark_sets(bb.preprocess, args.data_dir, args.cache_dir, attach=lambda ds: cache.attach(bb, ds),
+                              targets=("caltech101", "imagenet-mini"))
     seconds_features = time.perf_counter() - t0
     cal, inet = sets["caltech101"], sets["imagenet-mini"]
     inet_names = {n.lower() for n in imagenet_classnames()}

@@ -423,13 +423,16 @@ def combined(a: ImageDataset, b: ImageDataset, name: str) -> ImageDataset:
 
 
 def benchmark_sets(transform=None, data_dir=None, cache_dir=None, split_seed: int = 0,
-                   attach: Callable[[ImageDataset], ImageDataset] | None = None) -> dict:
+                   attach: Callable[[ImageDataset], ImageDataset] | None = None,
+                   targets: Sequence[str] = ("caltech101", "imagenet-mini", "fashion-mnist")) -> dict:
     """The shared real sets as the benchmarks use them: ``{target: {"base_train", "base_test", "new_test"}}``
     for caltech101, imagenet-mini (train + val images) and fashion-mnist, and ``"cross"``: whole test
     sets (fashion-mnist, hymenoptera = ants/bees, imagenet-mini). Caltech101 and ImageNet-mini are split
     50/50 per class (``split_train_test(seed=split_seed)``), then base/new by the CoOp rule;
     Fashion-MNIST keeps its own train/test parts. ``attach`` (e.g. ``FeatureCache(dir).attach`` bound to a
-    backbone) runs once per whole dataset before splitting, so every part carries its features."""
+    backbone) runs once per whole dataset before splitting, so every part carries its features. Only the
+    base-to-new ``targets`` asked for are built (Fashion-MNIST's 3,000 training images are skipped
+    unless it is one)."""
     attach = attach or (lambda ds: ds)
     cal = caltech101(extract_archive("caltech-101.tar", data_dir, cache_dir), transform)
     inet_root = extract_archive("imagenet-mini.tar", data_dir, cache_dir)
@@ -439,16 +442,17 @@ def benchmark_sets(transform=None, data_dir=None, cache_dir=None, split_seed: in
     rename = {"ants": "ant", "bees": "bee"}
     hym = attach(combined(image_folder(hym_root / "train", transform, rename=rename),
                           image_folder(hym_root / "val", transform, rename=rename), "hymenoptera"))
-    fm_train = attach(fashion_mnist("train", data_dir, cache_dir, transform))
     fm_test = attach(fashion_mnist("test", data_dir, cache_dir, transform))
     out = {}
     for name, ds in (("caltech101", cal), ("imagenet-mini", inet)):
         train, test = split_train_test(ds, 0.5, split_seed)
         out[name] = {"base_train": subsample_classes(train, "base"), "base_test": subsample_classes(test, "base"),
                      "new_test": subsample_classes(test, "new")}
-    out["fashion-mnist"] = {"base_train": subsample_classes(fm_train, "base"),
-                            "base_test": subsample_classes(fm_test, "base"),
-                            "new_test": subsample_classes(fm_test, "new")}
+    if "fashion-mnist" in targets:
+        fm_train = attach(fashion_mnist("train", data_dir, cache_dir, transform))
+        out["fashion-mnist"] = {"base_train": subsample_classes(fm_train, "base"),
+                                "base_test": subsample_classes(fm_test, "base"),
+                                "new_test": subsample_classes(fm_test, "new")}
     out["cross"] = {"fashion-mnist": fm_test, "hymenoptera": hym,
                     "imagenet-mini": split_train_test(inet, 0.5, split_seed)[1]}
     return out
