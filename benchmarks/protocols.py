@@ -242,6 +242,36 @@ def write_outputs(results, args, t0, cross_shots) -> str:
     return text
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One results dict from runs of the same settings on different seeds (lists joined in the given order)."""
+    import copy
+
+    out = copy.deepcopy(parts[0])
+    for r in parts[1:]:
+        if r["backbone"] != out["backbone"]:
+            raise ValueError(f"runs on different backbones: {out['backbone']} vs {r['backbone']}")
+        overlap = set(out["seeds_done"]) & set(r["seeds_done"])
+        if overlap:
+            raise ValueError(f"seeds {sorted(overlap)} appear in more than one run")
+        out["seeds_done"] += r["seeds_done"]
+        out["alignment_history"] += r["alignment_history"]
+        out["seed_seconds"].update(r["seed_seconds"])
+        for key, secs in r["meta_seconds"].items():
+            out["meta_seconds"].setdefault(key, []).extend(secs)
+        for target, by_shots in r["base2new"].items():
+            for shots, slot in by_shots.items():
+                dst = out["base2new"][target][shots]
+                for m, vals in slot["final"].items():
+                    for k, xs in vals.items():
+                        dst["final"][m][k] += xs
+                for m, runs in slot["per_epoch"].items():
+                    dst["per_epoch"][m] += runs
+        for m, by_target in r["cross"]["acc"].items():
+            for t, xs in by_target.items():
+                out["cross"]["acc"][m][t] += xs
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -276,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, 4 shots, 2 epochs, 2 meta steps, Fashion-MNIST only")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only report: join the results.json of these output folders (runs of the same settings on "
+                        "different seeds, e.g. two processes) and write the tables and plots into --out")
     args = p.parse_args(argv)
     args.command_line = "python benchmarks/protocols.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -285,6 +318,15 @@ def main(argv=None) -> int:
         p.error(f"--cross-source {args.cross_source} must be one of --targets {args.targets}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads((d / "results.json").read_text()) for d in args.merge]
+        results = merge_results(parts)
+        args.seeds = results["seeds_done"]
+        args.command_line += "  # joins " + ", ".join(f"{d} ({r['seeds_done']}, {r['seconds'] / 60:.0f} min)"
+                                                      for d, r in zip(args.merge, parts))
+        t0 = time.perf_counter() - max(r["seconds"] for r in parts)
+        print(write_outputs(results, args, t0, max(args.shots)))
+        return 0
     t0 = time.perf_counter()
     backbone = build_backbone(args.backbone)
     data = load_data(backbone, args)

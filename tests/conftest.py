@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -51,17 +50,12 @@ def one_torch_thread():
 
 def extract_shared(archive: str) -> Path:
     """Extract ``../shared/data/<archive>`` once into the test cache; return the cache folder."""
+    from gram_plugin.data import extract_archive
+
     src = SHARED_DATA / archive
     if not src.exists():
         pytest.skip(f"real data {src} not available")
-    dest = DATA_CACHE / archive.replace(".tar", "")
-    marker = dest / ".extracted"
-    if not marker.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(src) as tf:
-            tf.extractall(dest, filter="data")
-        marker.touch()
-    return dest
+    return extract_archive(archive, SHARED_DATA, DATA_CACHE)
 
 
 @pytest.fixture(scope="session")
