@@ -360,7 +360,8 @@ def shared_data_dir(path: str | os.PathLike | None = None) -> Path:
     fashion-mnist-subset.npz): ``path`` if given, else ``$GRAM_SHARED_DATA``."""
     chosen = path if path is not None else os.environ.get("GRAM_SHARED_DATA")
     if not chosen:
-        raise DataError("no shared data folder: pass one (e.g. --data-dir DIR) or set GRAM_SHARED_DATA")
+        raise DataError("no shared data folder (the archives caltech-101.tar, imagenet-mini.tar, ...): pass its "
+                        "path or set GRAM_SHARED_DATA=/path/to/it")
     folder = Path(chosen)
     if not folder.is_dir():
         raise DataError(f"shared data folder {folder} does not exist")
