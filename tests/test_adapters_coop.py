@@ -16,18 +16,9 @@ import torch.nn.functional as F
 from fixtures.dassl_like import CLASSNAMES, CoCoOp, CoOp, ProGrad, ZeroShotCLIP, build, make_batch, make_cfg
 from gram_plugin import GradientRegulator, PromptInit, PromptInitError
 from gram_plugin.adapters import AdapterError, GenericAdapter, adapter_for, supported_trainers, wrap
-from fixtures.hand import regulate_by_hand
+from fixtures.hand import random_regulator, regulate_by_hand
 
 LR, WD = 0.002, 5e-4
-
-
-def random_regulator(shapes, seed=1, scale=0.3):
-    reg = GradientRegulator(shapes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reg.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return reg
 
 
 def sgd_first_step(p, g):

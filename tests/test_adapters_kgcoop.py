@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_clip
 from fixtures.dassl_like import (
     CLASSNAMES,
+    CoOpCustomCLIP,
     CoOpPromptLearner,
-    TextEncoder,
     TrainerX,
     ZeroShotCLIP,
     build_lr_scheduler,
@@ -28,7 +28,8 @@ from fixtures.dassl_like import (
     make_cfg,
     tokenize,
 )
-from gram_plugin import GradientRegulator, PromptInit
+from fixtures.hand import random_regulator, regulate_by_hand
+from gram_plugin import PromptInit
 from gram_plugin.adapters import adapter_for, wrap
 from gram_plugin.adapters.kgcoop import KgCoOpAdapter
 from gram_plugin.adapters.meta import ClassBuffers, meta_train
@@ -50,26 +51,18 @@ class KgCoOpPromptLearner(CoOpPromptLearner):
         self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(32, 32)), ("relu", nn.ReLU(inplace=True))]))
 
 
-class KgCoOpCustomCLIP(nn.Module):
+class KgCoOpCustomCLIP(CoOpCustomCLIP):
     def __init__(self, cfg, classnames, clip_model):
-        super().__init__()
+        super().__init__(cfg.TRAINER.COOP, classnames, clip_model)
         self.prompt_learner = KgCoOpPromptLearner(cfg, classnames, clip_model)
-        self.tokenized_prompts = self.prompt_learner.tokenized_prompts
         self.ori_embedding = self.prompt_learner.text_features
-        self.image_encoder = clip_model.visual
-        self.text_encoder = TextEncoder(clip_model)
-        self.logit_scale = clip_model.logit_scale
-        self.dtype = clip_model.text_projection.dtype
 
     def forward(self, image):
-        f = self.image_encoder(image.type(self.dtype))
+        logits = super().forward(image)
         t = self.text_encoder(self.prompt_learner(), self.tokenized_prompts)
-        f = f / f.norm(dim=-1, keepdim=True)
         t = t / t.norm(dim=-1, keepdim=True)
-        logits = self.logit_scale.exp() * f @ t.t()
         old = self.ori_embedding / self.ori_embedding.norm(dim=-1, keepdim=True)
-        score = 1.0 - torch.mean(F.cosine_similarity(t, old, dim=1, eps=1e-07))
-        return logits, score
+        return logits, 1.0 - torch.mean(F.cosine_similarity(t, old, dim=1, eps=1e-07))
 
 
 class KgCoOp(TrainerX):
@@ -106,10 +99,7 @@ def test_adapter_selects_ctx_and_steps_on_the_kgcoop_loss(tmp_path):
 
     ctx = trainer.model.prompt_learner.ctx
     init_ctx = 0.3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
-    reg = GradientRegulator({"prompt_learner.ctx": (4, 32)})
-    with torch.no_grad():
-        for p in reg.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    reg = random_regulator({"prompt_learner.ctx": (4, 32)})
     init = PromptInit({"prompt_learner.ctx": init_ctx}, {"method": "test"},
                       {k: v.clone() for k, v in reg.state_dict().items()})
     init.metadata["regulator_config"] = reg.to_config()
@@ -122,7 +112,7 @@ def test_adapter_selects_ctx_and_steps_on_the_kgcoop_loss(tmp_path):
     (g,) = torch.autograd.grad(loss, [ctx])
     assert torch.allclose(adapter.method_loss(trainer.model, batch["img"], batch["label"]), loss)
     trainer.forward_backward(batch)
-    expected = init_ctx - 0.002 * (reg("prompt_learner.ctx", g) + 5e-4 * init_ctx)
+    expected = init_ctx - 0.002 * (regulate_by_hand(reg, "prompt_learner.ctx", g) + 5e-4 * init_ctx)
     assert torch.allclose(ctx.detach(), expected, atol=1e-7, rtol=1e-5)
 
 

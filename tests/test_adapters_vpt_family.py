@@ -14,13 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gram_plugin.adapters.maple  # noqa: F401  (registers the adapters)
-import gram_plugin.adapters.promptsrc  # noqa: F401
-import gram_plugin.adapters.vpt  # noqa: F401
 from conftest import make_tiny_clip
-from fixtures.hand import regulate_by_hand
+from fixtures.hand import random_regulator, regulate_by_hand
 from fixtures.dassl_vpt_family import TEMPLATES, build, convert_weights, make_batch, make_cfg, tokenize
-from gram_plugin import GradientRegulator, PromptInit, PromptInitError
+from gram_plugin import PromptInit, PromptInitError
 from gram_plugin.adapters import AdapterError, adapter_for, wrap
 
 LR, WD = 0.0025, 5e-4
@@ -45,15 +42,6 @@ EXPECTED = {
 }
 EXPECTED["PromptSRC"] = EXPECTED["IVLP"]
 METHODS = list(EXPECTED)
-
-
-def random_regulator(shapes, seed=1, scale=0.3):
-    reg = GradientRegulator(shapes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reg.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return reg
 
 
 def sgd_first_step(p, g):
