@@ -116,9 +116,9 @@ def test_coop_gram_prograd_on_real_trainer(coop, data_root, tmp_path):
 
 def _cpu_amp(module, monkeypatch, init_scale):
     """Upstream amp uses torch.cuda.amp, which disables itself on CPU (a plain fp32 step). Give the
-    trainer's own amp branch a working CPU GradScaler and bfloat16 autocast instead."""
+    trainer's own amp branch a working CPU GradScaler and float16 autocast instead."""
     monkeypatch.setattr(module, "GradScaler", lambda *a, **k: torch.amp.GradScaler("cpu", init_scale=init_scale))
-    monkeypatch.setattr(module, "autocast", lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(module, "autocast", lambda *a, **k: torch.autocast("cpu", dtype=torch.float16))
 
 
 @pytest.mark.parametrize("prec", ["fp32", "fp16", "amp"])
@@ -151,9 +151,9 @@ def test_each_precision_path_takes_the_regulated_step(name, prec, data_root, tmp
                 return F.cross_entropy(trainer.model(images), labels)
             return trainer.model(images, labels)
 
-        if prec == "amp":
+        if prec == "amp":  # the scaler's arithmetic: fp16 gradients of the scaled loss, unscaled in float32
             with up.module.autocast():
-                grads = torch.autograd.grad(loss(), params)
+                grads = [g / 2.0**10 for g in torch.autograd.grad(loss() * 2.0**10, params)]
         else:
             grads = torch.autograd.grad(loss(), params)
         lr, wd = trainer.optim.param_groups[0]["lr"], trainer.cfg.OPTIM.WEIGHT_DECAY

@@ -184,3 +184,46 @@ def test_meta_train_through_real_trainer_then_wrap_an_fp16_trainer(upstream, dat
     fp16.batch_idx, fp16.num_batches = 0, len(fp16.train_loader_x) + 1
     fp16.forward_backward(batch)
     assert handle.hooks[0].steps == 1
+
+
+@pytest.mark.parametrize("prec", ["fp32", "amp"])
+@pytest.mark.parametrize("upstream", ["IVLP"], indirect=True)
+def test_ivlp_fp32_and_amp_paths_take_the_regulated_step(upstream, prec, data_root, tmp_path, monkeypatch):
+    """The other two precision paths on a VPT-family trainer whose fp32 / amp branches run as written
+    (VPT's and PromptSRC's amp branches do not, MaPLe's proj.half() needs fp16: module docstring).
+    amp: a CPU GradScaler and float16 autocast in place of torch.cuda.amp's, which disable themselves
+    without a GPU; the regulator sees the unscaled gradients."""
+    from dassl.engine import build_trainer
+
+    if prec == "amp":
+        monkeypatch.setattr(upstream.module, "GradScaler", lambda *a, **k: torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        monkeypatch.setattr(upstream.module, "autocast", lambda *a, **k: torch.autocast("cpu", dtype=torch.float16))
+    trainer = build_trainer(make_cfg(upstream, data_root, tmp_path / "out", [f"TRAINER.{upstream.node}.PREC", prec]))
+    params = adapter_for(trainer).prompt_parameters()
+    assert all(p.dtype == torch.float32 for p in params.values())
+    g = torch.Generator().manual_seed(3)
+    init = {n: 0.05 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    reg = GradientRegulator({n: tuple(p.shape) for n, p in params.items()})
+    with torch.no_grad():
+        for q in reg.parameters():
+            q.add_(0.3 * torch.randn(q.shape, generator=g))
+    handle = wrap(trainer, init=PromptInit(init, {"method": "IVLP"}), regulator=reg)
+
+    batch = next(iter(trainer.train_loader_x))
+    trainer.batch_idx, trainer.num_batches = 0, len(trainer.train_loader_x) + 1
+    images, labels = trainer.parse_batch_train(batch)
+    names = list(params)
+    if prec == "amp":  # the scaler's arithmetic: fp16 gradients of the scaled loss, unscaled in float32
+        with upstream.module.autocast():
+            loss = loss_of("IVLP", trainer, images, labels)
+        grads = [gr / 2.0**10 for gr in torch.autograd.grad(loss * 2.0**10, [params[n] for n in names])]
+    else:
+        grads = torch.autograd.grad(loss_of("IVLP", trainer, images, labels), [params[n] for n in names])
+    lr, wd = trainer.optim.param_groups[0]["lr"], trainer.cfg.OPTIM.WEIGHT_DECAY
+    trainer.forward_backward(batch)
+    assert handle.hooks[0].steps == 1
+    for n, gr in zip(names, grads):
+        expected = init[n] - lr * (regulate_by_hand(reg, n, gr) + wd * init[n])
+        assert torch.allclose(params[n].detach(), expected, rtol=1e-5, atol=1e-7), n
+    n0, g0 = names[0], grads[0]
+    assert not torch.allclose(params[n0].detach(), init[n0] - lr * (g0 + wd * init[n0]), rtol=1e-5, atol=1e-7)
