@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures.hand import regulate_by_hand
-from fixtures.upstream import caltech_folder, first_batch, import_dassl, init_file, make_cfg, random_regulator, upstream
+from fixtures.hand import random_regulator, regulate_by_hand
+from fixtures.upstream import caltech_folder, first_batch, import_dassl, init_file, make_cfg, upstream
 
 pytestmark = pytest.mark.integration
 

@@ -21,16 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.upstream import SMALL_RUN, caltech_folder, import_dassl, init_file, random_regulator, upstream
+from fixtures.hand import random_regulator
+from fixtures.upstream import SMALL_RUN, caltech_folder, import_dassl, init_file, upstream
 
 pytestmark = pytest.mark.integration
 
 dassl = import_dassl()
 
 import gram_plugin.adapters  # noqa: E402
-import gram_plugin.adapters.maple  # noqa: E402,F401  (registers the adapters; issue 15 makes this implicit)
-import gram_plugin.adapters.promptsrc  # noqa: E402,F401
-import gram_plugin.adapters.vpt  # noqa: E402,F401
 from gram_plugin.adapters import add_gram_cfg, adapter_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,9 +24,6 @@ pytestmark = pytest.mark.integration
 
 dassl = import_dassl()
 
-import gram_plugin.adapters.maple  # noqa: E402,F401  (registers the adapters; issue 15 makes this implicit)
-import gram_plugin.adapters.promptsrc  # noqa: E402,F401
-import gram_plugin.adapters.vpt  # noqa: E402,F401
 from gram_plugin import GradientRegulator, PromptInit  # noqa: E402
 from gram_plugin.adapters import adapter_for, wrap  # noqa: E402
 
