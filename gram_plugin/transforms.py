@@ -91,7 +91,7 @@ def prograd(lam: float = 1.0, general_key: str = "general_grads",
     G_g is missing, non-finite, or shorter than ``min_relative_norm * ||G_d||`` keeps G_d. The
     projection removes ``|G_d| cos(G_d, G_g)`` whatever the length of G_g, so a G_g that is only
     rounding noise -- the prompted model still equals the zero-shot one, as at the first step
-    from a hand-crafted context, where ||G_g|| / ||G_d|| was measured at 2e-8 -- would remove a
+    from a hand-crafted context, where ||G_g|| / ||G_d|| is 1e-8 to 1e-7 in float32 -- would remove a
     random part of G_d. The default 1e-3 is the relative rounding of fp16 logits (the trainers'
     default precision): below it the two predictions agree to within rounding and G_g carries no
     direction. ``min_relative_norm=0`` guards only an exactly zero G_g.

@@ -660,4 +660,5 @@ def test_every_adapter_file_is_registered_by_the_package_import():
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.split()
     assert out[0] == "True"
-    assert set(out[1].split(",")) == {"CoOp", "ProGrad", "CoCoOp", "KgCoOp", "VPT", "IVLP", "MaPLe", "PromptSRC"}
+    # a new trainer's file adds itself: this list is what must never go missing
+    assert {"CoOp", "ProGrad", "CoCoOp", "KgCoOp", "VPT", "IVLP", "MaPLe", "PromptSRC"} <= set(out[1].split(","))

@@ -142,3 +142,17 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(coop_fork, data_root, 
     resumed, uninterrupted = PromptInit.load(part), PromptInit.load(whole)
     assert resumed.metadata["meta_steps"] == 4 and resumed.metadata["method_name"] == "MP-CoOp+clip"
     assert torch.equal(resumed.tensors["prompt_learner.ctx"], uninterrupted.tensors["prompt_learner.ctx"])
+
+
+@pytest.mark.integration
+def test_per_dataset_tasks_maml_clip(coop_fork, data_root, tmp_path):
+    from gram_plugin import GradientRegulator, PromptInit
+
+    out = tmp_path / "maml_clip.safetensors"
+    argv = command(coop_fork, data_root, out, "--tasks", "per-dataset", "--no-regulator")
+    argv[argv.index("--steps") + 1] = "1"
+    argv[argv.index("--meta-batch") + 1] = "1"
+    assert main(argv) == 0
+    init = PromptInit.load(out)
+    assert init.metadata["method_name"] == "MP-CoOp+clip" and GradientRegulator.from_init(init) is None
+    assert init.metadata["source_tasks"] == {"kind": "per-dataset", "datasets": ["Caltech101"], "shots": 4, "k_support": 1}
