@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-image-cache", action="store_true",
+                   help="decode every task image from disk each time (default: decoded once and kept as uint8, "
+                        "3 * INPUT.SIZE^2 bytes per base-class image)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="more config options, KEY VALUE ... (as train.py)")
     return p
 
@@ -149,15 +152,39 @@ def build_cfg(args, fork_train, trainer_cls):
     return cfg
 
 
-def _task_source(args, trainer, cfg):
+def decoded_once_dataset(items, classnames, size: int, mean, std, name: str, cache: bool = True):
+    """An ``ImageDataset`` whose images are decoded, resized (bicubic) and centre-cropped once and
+    kept as uint8 (3 * size * size bytes each), then scaled and normalised on every access: the
+    values equal those of ``Resize, CenterCrop, ToTensor, Normalize`` applied each time. Tasks draw
+    the same few-shot images again and again; decoding them was ~40 % of a meta-step here."""
     T = _require("torchvision.transforms", "torchvision")
-    from gram_plugin.data import ImageDataset, Item, NWayKShotTasks, PerDatasetTasks
+    import torch
 
-    size = cfg.INPUT.SIZE[0]
-    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                    T.Normalize(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)])
+    from gram_plugin.data import ImageDataset
+
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    class DecodedOnce(ImageDataset):
+        def load_image(self, i: int):
+            pixels = self._decoded.get(i) if cache else None
+            if pixels is None:
+                pixels = super().load_image(i)
+                if cache:
+                    self._decoded[i] = pixels
+            return (pixels.to(torch.float32).div(255) - mean_t) / std_t
+
+    ds = DecodedOnce(items, classnames, T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                                                   T.CenterCrop(size), T.PILToTensor()]), name=name)
+    ds._decoded = {}
+    return ds
+
+
+def _task_source(args, trainer, cfg):
+    from gram_plugin.data import Item, NWayKShotTasks, PerDatasetTasks
+
     ds = trainer.dm.dataset
-    data = ImageDataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames, tf, name=cfg.DATASET.NAME)
+    data = decoded_once_dataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames, cfg.INPUT.SIZE[0],
+                                cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.DATASET.NAME, cache=not args.no_image_cache)
     if args.tasks == "per-dataset":
         return PerDatasetTasks(data, shots=args.shots, k_support=args.k_support)
     return NWayKShotTasks(data, args.n_way, args.k_support, args.k_query)

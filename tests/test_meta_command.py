@@ -156,3 +156,21 @@ def test_per_dataset_tasks_maml_clip(coop_fork, data_root, tmp_path):
     init = PromptInit.load(out)
     assert init.metadata["method_name"] == "MP-CoOp+clip" and GradientRegulator.from_init(init) is None
     assert init.metadata["source_tasks"] == {"kind": "per-dataset", "datasets": ["Caltech101"], "shots": 4, "k_support": 1}
+
+
+def test_images_decoded_once_equal_the_per_access_transform():
+    from torchvision import transforms as T
+
+    from gram_plugin.adapters.meta_command import decoded_once_dataset
+    from gram_plugin.data import default_dataset
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    plain = default_dataset(T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(40),
+                                       T.ToTensor(), T.Normalize(mean, std)]))
+    cached = decoded_once_dataset(plain.items, plain.classnames, 40, mean, std, "caltech")
+    idx = [0, 7, 31, 7]
+    first, again = cached.batch(idx)["images"], cached.batch(idx)["images"]
+    assert torch.equal(first, plain.batch(idx)["images"]) and torch.equal(again, first)
+    assert sorted(cached._decoded) == [0, 7, 31] and cached._decoded[0].dtype == torch.uint8
+    uncached = decoded_once_dataset(plain.items, plain.classnames, 40, mean, std, "caltech", cache=False)
+    assert torch.equal(uncached.batch(idx)["images"], first) and not uncached._decoded
