@@ -234,3 +234,41 @@ def test_both_neighbour_searches_find_the_same_topics(knn):
     assert sorted(t["name"] for t in h["topics"]) == ["beach", "bike", "dog"]
     with pytest.raises(ValueError, match="knn must be"):
         CHCConfig(knn="annoy")
+
+
+def test_embeddings_are_cached_per_chunk_and_a_resumed_encode_only_fills_the_gaps(tmp_path, monkeypatch):
+    import numpy as np
+    import sentence_transformers
+
+    from gram_plugin.chc import embed_captions
+
+    encoded = []
+
+    class FakeEncoder:  # deterministic per caption, counts what it is asked to encode
+        def __init__(self, *a, **k):
+            pass
+
+        def encode(self, sentences, **k):
+            encoded.extend(sentences)
+            v = np.array([[len(s), sum(map(ord, s)) % 97, 1.0] for s in sentences], dtype=np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", FakeEncoder)
+    caps = [f"a caption number {i}" for i in range(10)]
+    whole = embed_captions(caps, model="fake-encoder", progress=False)
+    chunked = embed_captions(caps, model="fake-encoder", cache_dir=tmp_path, progress=False, chunk_size=4)
+    np.testing.assert_array_equal(chunked, whole)
+    assert len(list(tmp_path.glob("emb-*.safetensors"))) == 3  # 4 + 4 + 2 captions
+    encoded.clear()
+    again = embed_captions(caps, model="fake-encoder", cache_dir=tmp_path, progress=False, chunk_size=4)
+    np.testing.assert_array_equal(again, whole)
+    assert encoded == []  # everything from the cache
+    # an interrupted run: the middle chunk's file is gone; only its 4 captions are encoded again
+    files = sorted(tmp_path.glob("emb-*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+    files[1].unlink()
+    grown = caps + ["one more caption"]  # and the list grew at its end: only the last chunk changes
+    out = embed_captions(grown, model="fake-encoder", cache_dir=tmp_path, progress=False, chunk_size=4)
+    assert encoded == caps[4:8] + caps[8:] + ["one more caption"]
+    np.testing.assert_array_equal(out[:10], whole)
+    with pytest.raises(ValueError, match="chunk_size"):
+        embed_captions(caps, model="fake-encoder", chunk_size=0)
