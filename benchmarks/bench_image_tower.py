@@ -5,9 +5,10 @@
 Variants, side by side (round-robin, medians of process CPU time and wall time), all on the same
 batch of real preprocessed 224 px images from the package's embedded data:
 
-  eager           ``backbone.encode_image`` under ``torch.no_grad()`` (what FeatureCache ran before)
+  eager           the tower in PyTorch's default (contiguous) memory format under ``torch.no_grad()``
+                  (what FeatureCache ran before the tower went channels-last)
   inference       the same under ``torch.inference_mode()``
-  channels_last   inference mode, the tower's weights and the input in channels-last memory format
+  channels_last   ``backbone.encode_image`` as shipped (weights and input channels-last), inference mode
   onnx            (``--onnx``) the Lite0 tower exported to ONNX and run by ONNX Runtime (float32), ConSE in torch
 
 Every variant's features are compared to eager's (max abs difference). Prints images/s.
@@ -41,28 +42,27 @@ def real_batch(backbone, n):
 
 
 def variants(bb, images, onnx: bool, threads: int):
+    plain = copy.deepcopy(bb.visual).to(memory_format=torch.contiguous_format)
+    images = images.contiguous()
+
     def eager():
         with torch.no_grad():
-            return bb.encode_image(images)
+            return bb.conse(plain(images))
 
     def inference():
         with torch.inference_mode():
-            return bb.encode_image(images)
-
-    cl = copy.deepcopy(bb)
-    cl.visual = cl.visual.to(memory_format=torch.channels_last)
-    images_cl = images.contiguous(memory_format=torch.channels_last)
+            return bb.conse(plain(images))
 
     def channels_last():
         with torch.inference_mode():
-            return cl.encode_image(images_cl)
+            return bb.encode_image(images)
 
     fns = {"eager": eager, "inference": inference, "channels_last": channels_last}
     if onnx:
         import onnxruntime as ort
 
         path = Path(tempfile.mkdtemp()) / "lite0.onnx"
-        torch.onnx.export(bb.visual, (images[:2],), str(path), input_names=["x"], output_names=["logits"],
+        torch.onnx.export(plain, (images[:2],), str(path), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
