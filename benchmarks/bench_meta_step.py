@@ -70,6 +70,10 @@ def build(args):
     torch.manual_seed(0)
     if args.model == "tiny":  # a small random CLIP, for quick dry runs of this script
         backbone = tiny_openclip()
+    elif args.model.startswith("proxy"):  # the CLI's default backbone (MiniLM text tower)
+        from gram_plugin.backbones import build_backbone
+
+        backbone = build_backbone(args.model)
     else:
         backbone = OpenCLIPBackbone(open_clip.create_model(args.model))
     model = PromptedCLIP(backbone, "coop", n_ctx=args.n_ctx, ctx_init=None).to(args.device)
@@ -182,7 +186,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights), or tiny")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights), tiny, or proxy (the CLI default)")
     p.add_argument("--text-path", default="fast", choices=["fast", "openclip"],
                    help="openclip: every variant runs open_clip's own text blocks (the path `higher`'s patched "
                         "blocks take), for a like-for-like comparison with higher2")
