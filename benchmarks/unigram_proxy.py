@@ -199,8 +199,8 @@ def report(results, args, per_class) -> str:
              + (f", {par} runs side by side" if par > 1 else "") + " on the shared 2-core CPU, load average "
              f"{results['load_start'][0]:.1f} at start, {results['load_end'][0]:.1f} at end). Backbone "
              f"`{results['backbone']}`: ProxyCLIP v2 at {args.image_size} px for every method here"
-             + (" (224 px is the checkpoint's size; the protocol tables above use 224, so compare rows of this "
-                "table with each other, not with those)" if args.image_size != 224 else "")
+             + (" (224 px is the checkpoint's size and the protocol tables' input; compare rows of this table "
+                "with each other, not with those)" if args.image_size != 224 else "")
              + f". Caltech101, {min(args.shots, per_class)} shots per base class, tested on "
              + (f"{args.eval_per_class} held-out images per class (one fixed draw)" if args.eval_per_class else
                 "all held-out images") + f"; tuning {args.optimizer} lr {args.lr}, "
@@ -229,6 +229,13 @@ def report(results, args, per_class) -> str:
         u, v = fin["UNIGRAM"], fin["CoOp+VP"]
         lines += ["", f"UNIGRAM vs CoOp+VP (paired, points): base {paired(u['base'], v['base'])}, "
                       f"new {paired(u['new'], v['new'])}, H {paired(u['H'], v['H'])}."]
+    seeds = results["seeds_done"]
+    lines += ["", "Per seed (base / new / H; the paired differences above are taken seed by seed):", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for m in methods:
+        r = fin[m]
+        lines.append(f"| {m} | " + " | ".join(f"{100 * r['base'][i]:.1f} / {100 * r['new'][i]:.1f} / {100 * r['H'][i]:.1f}"
+                                             for i in range(len(seeds))) + " |")
     secs = {m: sum(v) / len(v) for m, v in results["seconds"].items() if v}
     lines += ["", "Seconds per seed (meta-training + tuning + evaluation): "
               + ", ".join(f"{m} {s:.0f}" for m, s in secs.items()) + "."]
