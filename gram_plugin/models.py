@@ -48,7 +48,7 @@ class PromptConfig:
         problems += one_of("pixel_layout", self.pixel_layout, LAYOUTS)
         if self.mode != "vpt":  # the other mode's count is unused (models record it as 0)
             problems += integer_at_least("n_ctx", self.n_ctx, 1)
-        if self.mode != "coop":
+        if self.mode != "coop" and self.visual_prompt != "pixels":  # a pixel prompt has no tokens (recorded as 0)
             problems += integer_at_least("n_vpt", self.n_vpt, 1)
         if self.ctx_init is not None and not isinstance(self.ctx_init, str):
             problems.append(f"ctx_init must be a phrase or None, got {self.ctx_init!r}")

@@ -216,3 +216,16 @@ def test_init_of_another_image_size_is_refused_whole(proxy64, tmp_path):
     for n, p in target.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), before[n])  # nothing copied, ctx included
+
+
+def test_prompt_config_of_a_pixel_prompt_init_is_valid(cnn):
+    """An init learned with a pixel prompt records n_vpt 0 (no tokens): its settings rebuild the model."""
+    from gram_plugin.models import PromptConfig
+
+    model = _unigram(cnn)
+    fields = {k: v for k, v in model.config().items() if k in PromptConfig.__dataclass_fields__}
+    assert fields["n_vpt"] == 0 and fields["visual_prompt"] == "pixels"
+    rebuilt = PromptedCLIP(cnn, **PromptConfig(**fields).__dict__)
+    assert rebuilt.pixel_prompt.prompt.shape == model.pixel_prompt.prompt.shape
+    with pytest.raises(ValueError, match="n_vpt"):
+        PromptConfig(mode="unigram", n_vpt=0, visual_prompt="tokens")
