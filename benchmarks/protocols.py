@@ -272,16 +272,12 @@ def merge_results(parts: list[dict]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--report", type=Path, default=None, help="markdown file for the tables")
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """Backbone, data and the tuning / meta-training settings (shared with meta_init_check.py)."""
     p.add_argument("--backbone", default="proxy", help="a backbones.build_backbone name (default: ProxyCLIP v2)")
     p.add_argument("--data-dir", default=None, help="shared data folder (default: $GRAM_SHARED_DATA)")
     p.add_argument("--cache-dir", default=None, help="where archives are extracted (default: $GRAM_DATA_CACHE)")
     p.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "gram-plugin" / "features")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float, default=0.01)
@@ -298,14 +294,23 @@ def main(argv=None) -> int:
                    help="Adam lr of GRAM's regulator (default: the library's, 1e-3)")
     p.add_argument("--regulator-scale", choices=["relative", "absolute"], default="relative",
                    help="GradientRegulator scale (absolute = GRAM eq. 5-6 as written)")
+    p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (the regulator still learns)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report", type=Path, default=None, help="markdown file for the tables")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--shots", type=int, nargs="+", default=[4, 16])
+    add_setting_args(p)
     p.add_argument("--targets", nargs="+", default=["caltech101", "imagenet-mini"],
                    choices=["caltech101", "imagenet-mini", "fashion-mnist"])
     p.add_argument("--cross-source", default="caltech101", help="target whose tuned prompts are evaluated cross-dataset")
-    p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (the regulator still learns)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, 4 shots, 2 epochs, 2 meta steps, Fashion-MNIST only")
-    p.add_argument("--quiet", action="store_true")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="only report: join the results.json of these output folders (runs of the same settings on "
                         "different seeds, e.g. two processes) and write the tables and plots into --out")
