@@ -110,7 +110,8 @@ def _resolve_regulator(regulator, init: Optional[PromptInit], init_arg) -> Optio
                 raise PromptInitError("regulator=True uses the regulator saved with the init, but no init was given (pass init=...)")
             raise PromptInitError(
                 f"regulator=True uses the regulator saved with the init, but the init {init_arg} holds none: "
-                "meta-train with a regulator (gram-plugin meta-train --regulator), or pass regulator=None"
+                "meta-train one with a regulator (gram-plugin meta-train --dassl-config ... learns one unless --no-regulator), "
+                "or pass regulator=None"
             )
         return reg
     if isinstance(regulator, (str, os.PathLike, PromptInit)):
