@@ -105,17 +105,6 @@ def on_device(trainer_cls, device):
     return OnDevice
 
 
-def random_regulator(shapes, seed=1, scale=0.3):
-    import torch
-
-    from gram_plugin import GradientRegulator
-
-    reg = GradientRegulator(shapes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reg.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return reg
 
 
 def reference_sgd_step(p0, grad, reg_cpu, name, lr, wd, dtype=None):
@@ -144,6 +133,7 @@ def part_amp(args):
 
     from conftest import make_tiny_clip
     from fixtures.dassl_like import CLASSNAMES, CoOp, _amp_context, make_batch, make_cfg
+    from fixtures.hand import random_regulator
     from gram_plugin.adapters import wrap
 
     dev = torch.device(args.device)
@@ -229,6 +219,7 @@ def part_fp16(args):
     import gram_plugin.adapters.maple  # noqa: F401  (registers the adapters)
     import gram_plugin.adapters.promptsrc  # noqa: F401
     from fixtures.dassl_vpt_family import CLASSNAMES, TRAINERS, make_batch, make_cfg
+    from fixtures.hand import random_regulator
     from gram_plugin.adapters import adapter_for, wrap
 
     dev = torch.device(args.device)
