@@ -279,5 +279,9 @@ def build_backbone(spec: str):
 
         return load_proxy(rest or None)
     if kind == "tiny":
-        return tiny_openclip(int(rest) if rest else 0)
+        try:
+            seed = int(rest) if rest else 0
+        except ValueError:
+            raise BackboneLoadError(f"backbone tiny:SEED needs a whole-number seed, got {rest!r}") from None
+        return tiny_openclip(seed)
     return OpenCLIPBackbone(kind, pretrained=rest or None)

@@ -112,3 +112,10 @@ def test_text_path_under_vmap_keeps_all_positions_and_matches_the_loop():
     g = torch.func.grad(lambda e: torch.func.vmap(bb.encode_text_embeddings)(e, ids).sum())(emb)
     g_loop = torch.func.grad(lambda e: sum(bb.encode_text_embeddings(e[t], ids[t]).sum() for t in range(2)))(emb)
     torch.testing.assert_close(g, g_loop, rtol=1e-10, atol=1e-12)
+
+
+def test_build_backbone_names_a_bad_tiny_seed():
+    from gram_plugin.backbones import build_backbone
+
+    with pytest.raises(BackboneLoadError, match=r"tiny:SEED needs a whole-number seed, got 'abc'"):
+        build_backbone("tiny:abc")
