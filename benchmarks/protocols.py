@@ -272,12 +272,15 @@ def merge_results(parts: list[dict]) -> dict:
     return out
 
 
-def add_setting_args(p: argparse.ArgumentParser) -> None:
-    """Backbone, data and the tuning / meta-training settings (shared with meta_init_check.py)."""
-    p.add_argument("--backbone", default="proxy", help="a backbones.build_backbone name (default: ProxyCLIP v2)")
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Where the shared data, its extracted copies and the feature cache live (also unigram_proxy.py)."""
     p.add_argument("--data-dir", default=None, help="shared data folder (default: $GRAM_SHARED_DATA)")
     p.add_argument("--cache-dir", default=None, help="where archives are extracted (default: $GRAM_DATA_CACHE)")
     p.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "gram-plugin" / "features")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The tuning and meta-training settings of every protocol script (also unigram_proxy.py)."""
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float, default=0.01)
@@ -292,6 +295,13 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer-lr", type=float, default=0.01)
     p.add_argument("--regulator-lr", type=float, default=MetaConfig.regulator_lr,
                    help="Adam lr of GRAM's regulator (default: the library's, 1e-3)")
+
+
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """Backbone, data and the tuning / meta-training settings (shared with meta_init_check.py)."""
+    p.add_argument("--backbone", default="proxy", help="a backbones.build_backbone name (default: ProxyCLIP v2)")
+    add_data_args(p)
+    add_training_args(p)
     p.add_argument("--regulator-scale", choices=["relative", "absolute"], default="relative",
                    help="GradientRegulator scale (absolute = GRAM eq. 5-6 as written)")
     p.add_argument("--first-order", action="store_true", help="first-order meta-gradients (the regulator still learns)")

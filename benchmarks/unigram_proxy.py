@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocols import fmt, paired  # noqa: E402  (the protocols' table helpers)
+from protocols import add_data_args, add_training_args, fmt, paired  # noqa: E402  (the protocols' helpers)
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer  # noqa: E402
 from gram_plugin.cache import FeatureCache  # noqa: E402
@@ -71,9 +71,7 @@ def meta_train(backbone, method, source, args, seed):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data-dir", default=None, help="shared data folder (default: $GRAM_SHARED_DATA)")
-    p.add_argument("--cache-dir", default=None, help="where archives are extracted (default: $GRAM_DATA_CACHE)")
-    p.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "gram-plugin" / "features")
+    add_data_args(p)
     p.add_argument("--image-size", type=int, default=128,
                    help="input side of the image tower for EVERY method here (224 = the checkpoint's; the shared "
                         "images are at most 128 px on their longer side)")
@@ -83,20 +81,7 @@ def main(argv=None) -> int:
                    help="base/new test images per class (a fixed draw, the same for every method and seed; 0 = all): "
                         "pixel-prompted models run the CNN on every test image")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    # tuning and meta-training settings: benchmarks/protocols.py's defaults
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--meta-steps", type=int, default=50)
-    p.add_argument("--meta-batch", type=int, default=2)
-    p.add_argument("--n-way", type=int, default=5)
-    p.add_argument("--k-support", type=int, default=4)
-    p.add_argument("--k-query", type=int, default=8)
-    p.add_argument("--inner-steps", type=int, default=2)
-    p.add_argument("--inner-lr", type=float, default=0.05)
-    p.add_argument("--outer-lr", type=float, default=0.01)
-    p.add_argument("--regulator-lr", type=float, default=MetaConfig.regulator_lr)
+    add_training_args(p)  # the tuning and meta-training settings of benchmarks/protocols.py
     p.add_argument("--first-order", action="store_true",
                    help="first-order meta-gradients for both meta-learned methods (the regulator still learns)")
     p.add_argument("--threads", type=int, default=1)
