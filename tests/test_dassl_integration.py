@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.hand import random_regulator, regulate_by_hand
-from fixtures.upstream import caltech_folder, first_batch, import_dassl, init_file, make_cfg, upstream
+from fixtures.upstream import caltech_folder, coop, first_batch, import_dassl, init_file, make_cfg, upstream, weights_dir  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +31,6 @@ WARMUP = ["OPTIM.WARMUP_CONS_LR", "0.002"]
 @pytest.fixture(scope="module")
 def data_root(caltech_root, tmp_path_factory):
     return caltech_folder(caltech_root, tmp_path_factory.mktemp("coop_data"))
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("clip_weights")
-
-
-@pytest.fixture
-def coop(monkeypatch, weights_dir):
-    with upstream("CoOp", monkeypatch, weights_dir) as up:
-        yield up
 
 
 def coop_cfg(up, data_root, out, prec="fp32", opts=()):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fixtures.hand import random_regulator
-from fixtures.upstream import SMALL_RUN, caltech_folder, import_dassl, init_file, upstream
+from fixtures.upstream import SMALL_RUN, caltech_folder, import_dassl, init_file, upstream, weights_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +40,6 @@ SMALL_DATA = {"MaPLe": (8, "2"), "CoCoOp": (8, "2"), "PromptSRC": (8, "2")}
 
 def test_the_examples_have_configs():
     assert len(EXAMPLE_CONFIGS) >= 7, EXAMPLE_CONFIGS
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("clip_weights")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from fixtures.hand import random_regulator
-from fixtures.upstream import SMALL_RUN, caltech_folder, first_batch, import_dassl, init_file, make_cfg, upstream
+from fixtures.upstream import (  # noqa: F401  (coop, weights_dir: fixtures)
+    SMALL_RUN, caltech_folder, coop, first_batch, import_dassl, init_file, make_cfg, upstream, weights_dir,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,17 +53,6 @@ def data_root(caltech_root, tmp_path_factory):
 def data_16_classes(caltech_root, tmp_path_factory):
     # PromptSRC builds its class features from 60 templates through an fp16 CLIP, slow on CPU
     return caltech_folder(caltech_root, tmp_path_factory.mktemp("caltech16"), 16)
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("clip_weights")
-
-
-@pytest.fixture
-def coop(monkeypatch, weights_dir):
-    with upstream("CoOp", monkeypatch, weights_dir) as up:
-        yield up
 
 
 def story_cfg(up, data_root, out, prec=None, opts=()):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.hand import regulate_by_hand
-from fixtures.upstream import caltech_folder, import_dassl, make_cfg as upstream_cfg, upstream as upstream_repo
+from fixtures.upstream import caltech_folder, import_dassl, make_cfg as upstream_cfg, upstream as upstream_repo, weights_dir  # noqa: F401,E501  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +36,6 @@ METHODS = {
                   ["TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2"]),
 }
 SMALL_DATA_METHODS = {"MaPLe": 8}  # MaPLe's slow fp16 towers (module docstring): 8 classes
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("clip_weights")
 
 
 @pytest.fixture
