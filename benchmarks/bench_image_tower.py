@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
 
 def real_batch(backbone, n):
@@ -95,17 +95,8 @@ def main(argv=None):
     fns = variants(bb, images, args.onnx, args.threads)
     ref = fns["eager"]()
     diffs = {k: float((fn() - ref).abs().max()) for k, fn in fns.items()}  # also the warm-up
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for r in range(args.repeats):
-        for k, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {cpu[k][-1]:.2f} cpu-s" for k in fns), flush=True)
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    med_wall = {k: statistics.median(v) for k, v in wall.items()}
+    wall, cpu = interleaved(fns, args.repeats)
+    med_cpu, med_wall = medians(cpu), medians(wall)
     result = {
         "backbone": bb.name, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
         "images_per_cpu_s": {k: args.batch / v for k, v in med_cpu.items()},

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import interleaved, medians  # benchmarks/timing.py (the script's own folder is on sys.path)
 
 CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-captions.txt.gz"
 
@@ -131,15 +132,8 @@ def main(argv=None):
     sample = captions[:args.speed_captions]
     fns = {"fp32_st": lambda: st.encode(sample, batch_size=256, normalize_embeddings=True, show_progress_bar=False),
            "int8_ort": lambda: ort_enc.encode(sample)}
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-    speed = {k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k])} for k in fns}
+    wall, cpu = (medians(x) for x in interleaved(fns, args.repeats))
+    speed = {k: {"wall_s": wall[k], "cpu_s": cpu[k]} for k in fns}
     speed["int8_speedup_cpu"] = speed["fp32_st"]["cpu_s"] / speed["int8_ort"]["cpu_s"]
     speed["int8_speedup_wall"] = speed["fp32_st"]["wall_s"] / speed["int8_ort"]["wall_s"]
     print(json.dumps({"speed": speed}), flush=True)
