@@ -16,7 +16,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gram_plugin", "gram_plugin.adapters"],
+    packages=["gram_plugin", "gram_plugin.chc", "gram_plugin.adapters"],
     package_dir={"gram_plugin": "gram_plugin", "gram_plugin.adapters": "adapters"},
     package_data={"gram_plugin": ["assets/*", "assets/**/*", "configs/*.yaml"]},
     include_package_data=True,

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -272,3 +273,39 @@ def test_embeddings_are_cached_per_chunk_and_a_resumed_encode_only_fills_the_gap
     np.testing.assert_array_equal(out[:10], whole)
     with pytest.raises(ValueError, match="chunk_size"):
         embed_captions(caps, model="fake-encoder", chunk_size=0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("umap_neighbors", "15", "umap_neighbors must be an integer >= 2, got '15'"),
+    ("min_cluster_size", "100", "min_cluster_size must be an integer >= 2, got '100'"),
+    ("min_samples", "10", "min_samples must be None or an integer >= 1, got '10'"),
+    ("umap_min_dist", "0.1", "umap_min_dist must be a number in [0, 1], got '0.1'"),
+    ("n_domains", 2.5, "n_domains must be an integer >= 1, got 2.5"),
+    ("seed", -1, "seed must be an integer >= 0, got -1"),
+    ("knn", "annoy", "knn must be one of"),
+])
+def test_config_errors_are_config_errors_even_for_strings(field, value, message):
+    """A string where a number belongs is one ConfigError naming the field (it was a raw TypeError)."""
+    from gram_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        CHCConfig(**{field: value})
+    assert e.value.problems and all("CHCConfig" not in p for p in e.value.problems)
+
+
+def test_config_lists_every_problem_at_once():
+    from gram_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        CHCConfig(umap_neighbors="a", noise="keep", top_words=0)
+    assert len(e.value.problems) == 3 and str(e.value).startswith("invalid CHCConfig: ")
+
+
+def test_package_keeps_every_public_name():
+    """The stage split keeps ``from gram_plugin.chc import X`` working for every name of the old module."""
+    old_names = ["CHCConfig", "CHCError", "CHCTaskSource", "DEFAULT_MODEL", "ENCODE_CHUNK", "FORMAT", "build_hierarchy",
+                 "build_parser", "captions_hash", "cli_main", "cluster_hdbscan", "ctfidf", "embed_captions",
+                 "exact_cosine_knn", "kmeans_domains", "load_hierarchy", "load_image_features", "rank_words",
+                 "read_captions", "reduce_umap", "save_hierarchy", "summary", "unique_names"]
+    assert all(hasattr(chc, n) for n in old_names)
+    assert set(old_names) <= set(chc.__all__)
