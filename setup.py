@@ -16,8 +16,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gram_plugin", "gram_plugin.chc", "gram_plugin.adapters"],
-    package_dir={"gram_plugin": "gram_plugin", "gram_plugin.adapters": "adapters"},
+    packages=["gram_plugin", "gram_plugin.chc", "gram_plugin.adapters", "gram_plugin.adapters.trainers"],
+    package_dir={"gram_plugin": "gram_plugin", "gram_plugin.adapters": "adapters",
+                 "gram_plugin.adapters.trainers": "adapters/trainers"},
     package_data={"gram_plugin": ["assets/*", "assets/**/*", "configs/*.yaml"]},
     include_package_data=True,
     install_requires=[

@@ -1,39 +1,42 @@
-"""Adapter base class and registry: everything the plug-in needs to know about one Dassl trainer.
+"""The adapter contract and its registry: what gram-plugin needs to know about one Dassl trainer.
 
-One file per trainer subclasses :class:`DasslAdapter` and registers it by trainer class name
-(``@register_adapter("CoOp")``); ``import gram_plugin.adapters`` imports every such file, so the
-registry is complete after that one import (as ``import peft`` fills PEFT's method registry).
-Nothing trainer-specific lives anywhere else. An adapter answers, for a built trainer
-(``trainer = build_trainer(cfg)``):
+One file per trainer in ``adapters/trainers/`` subclasses :class:`DasslAdapter` and registers it by
+the trainer's class name (``@register_adapter("CoOp")``); ``import gram_plugin.adapters`` imports
+that folder, so the registry is complete after that one import (as ``import peft`` fills PEFT's),
+and only trainer adapters are imported by it. Nothing trainer-specific lives anywhere else.
 
-1. **Which parameters are the prompts?** :meth:`DasslAdapter.prompt_parameters` returns
-   ``{name: param}`` for the parameters of ``trainer.model`` that require gradients and match
-   :attr:`DasslAdapter.prompt_pattern`. Names are relative to ``trainer.model`` with DataParallel's
-   ``module.`` prefix stripped (``prompt_learner.ctx``), so an init saved on one GPU layout loads on
-   another. Select by ``requires_grad`` as well as by name: PromptSRC keeps a frozen zero-shot
-   encoder inside ``prompt_learner``.
-2. **Which optimisers step them?** :meth:`optimizers`: every optimiser registered through
-   ``register_model`` (``trainer._optims``). The regulated step is installed on each with
-   ``Optimizer.register_step_pre_hook`` (:mod:`gram_plugin.hooks`), the one hook that catches
-   ``model_backward_and_update``, a bare ``optim.step()`` and ``scaler.step(optim)`` (after unscaling).
-3. **How does the trainer compute its logits and its loss?** :meth:`model_logits` (the one place
-   that knows a CustomCLIP may return the *loss* while ``prompt_learner.training`` is set),
-   :meth:`prompted_logits`, and :meth:`method_loss` (what meta-training differentiates: CE by
-   default, PromptSRC's and KgCoOp's own terms in their files). ProGrad also needs
-   :meth:`zero_shot_logits`; an adapter without a teacher leaves it raising and ProGrad is refused.
-4. **Which state depends on the class names?** For meta-training across class sets
-   (:mod:`gram_plugin.adapters.meta`): :meth:`class_buffers` (the trainer's own),
-   :meth:`build_class_buffers` (the same for other classes, built the way the trainer's
-   ``__init__`` builds them) and :meth:`use_class_buffers`. The default covers a CoOp-style
-   ``prompt_learner`` (token prefix / suffix, tokenized prompts); adapters add their extras.
-5. **Its config node** :attr:`cfg_node` (``cfg.TRAINER.<cfg_node>``) and the :attr:`family` name used
-   in method names (``MP-CoOp``, ``GRAM-VPT``).
+The contract (docs/ARCHITECTURE.md, "The adapter contract") has three parts:
 
-Adding a trainer is one new file in ``adapters/`` (and its test)::
+1. **Data on the class**, checked when the class is registered (:func:`register_adapter`):
+   ``family`` and ``forward_output`` -- stated by every registered class in its own body, never
+   inherited (a TCP adapter subclassing KgCoOp must not export ``GRAM-KgCoOp``, nor take its
+   logits the way KgCoOp's forward returns them) -- and ``prompt_pattern``, ``cfg_node``,
+   ``regulated_name``, ``init_aliases``, ``ctx_init_max_tokens``, ``logits_from_own_forward``,
+   ``projects_itself``, ``meta_train_options`` and ``teacher``. Every attribute is documented where
+   :class:`DasslAdapter` defines it.
+2. **A strategy object for what only some trainers have**: ProGrad's zero-shot teacher, a
+   :class:`ZeroShotTeacher` subclass named by ``teacher`` (or ``None``), made by ``wrap`` only when
+   ProGrad is asked for.
+3. **Methods, overridden where a trainer differs**: :meth:`DasslAdapter.method_loss` (the loss
+   meta-training differentiates), :meth:`~DasslAdapter.prepare` (the trainer's own checks before a
+   wrap), and for meta-training across class sets :meth:`~DasslAdapter.class_buffers`,
+   :meth:`~DasslAdapter.build_class_buffers`, :meth:`~DasslAdapter.use_class_buffers` (plus
+   :meth:`~DasslAdapter.prompt_prefix`, :meth:`~DasslAdapter.frozen_clip`,
+   :meth:`~DasslAdapter.tokenizer` where the trainer's module differs from CoOp's).
+
+Prompt parameters are those of ``trainer.model`` that require gradients and match
+``prompt_pattern``, named relative to ``trainer.model`` with DataParallel's ``module.`` prefix
+stripped (``prompt_learner.ctx``), so an init saved on one GPU layout loads on another. Select by
+``requires_grad`` as well as by name: PromptSRC keeps a frozen zero-shot encoder inside
+``prompt_learner``. The optimisers are every one registered through ``register_model``.
+
+Adding a trainer is one new file in ``adapters/trainers/`` (and its test)::
 
     @register_adapter("KgCoOp")
     class KgCoOpAdapter(CoOpAdapter):
         family = "KgCoOp"
+        forward_output = "logits_first"          # its forward returns (logits, score)
+        teacher = HandCraftedTextTeacher
         def method_loss(self, model, images, labels): ...
 
 Registration is by trainer class name; :func:`adapter_for` walks the trainer's class hierarchy, so a
@@ -55,9 +58,19 @@ from gram_plugin.prompts import strip_wrapper_prefix
 
 _REGISTRY: "OrderedDict[str, type[DasslAdapter]]" = OrderedDict()
 
+#: what ``trainer.model(images)`` returns, by ``forward_output`` (how :meth:`DasslAdapter.model_logits` reads it)
+FORWARD_OUTPUTS = {
+    "logits": "the logits",
+    "logits_first": "a tuple whose first item is the logits (KgCoOp: (logits, score))",
+    "loss_while_training": "the loss while prompt_learner.training is set, the logits otherwise (CoCoOp, MaPLe, IVLP, PromptSRC)",
+}
+#: what every registered adapter class states in its own body: a subclass never inherits them silently
+OWN_DECLARATIONS = ("family", "forward_output")
+
 
 class AdapterError(ValueError):
-    """The trainer does not fit the adapter (no prompt parameters, no optimiser, no teacher, ...)."""
+    """The trainer does not fit the adapter (no prompt parameters, no optimiser, no teacher, ...),
+    or an adapter class breaks the contract."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -72,31 +85,108 @@ def trainer_module(trainer):
     return sys.modules.get(type(trainer).__module__)
 
 
+class ZeroShotTeacher:
+    """ProGrad's zero-shot teacher for one trainer: ``images -> zero-shot logits`` (a strategy object).
+
+    Only some trainers keep what a zero-shot CLIP needs, so the teacher is not part of every
+    adapter: an adapter names its teacher class in ``teacher`` and ``wrap`` makes one only when
+    ProGrad is asked for. A subclass (in its trainer's adapter file) implements :meth:`logits`;
+    it may capture in :meth:`prepare` what the init is about to overwrite (CoOp's hand-crafted
+    context), say in :meth:`problem` why it cannot teach, and name the frozen module whose output
+    in the trainer's own forward it can reuse (:meth:`features_module`, :meth:`logits_from_features`).
+    """
+
+    def __init__(self, adapter: "DasslAdapter"):
+        self.adapter = adapter
+
+    @property
+    def model(self) -> nn.Module:
+        """The trainer's (unwrapped) model."""
+        return self.adapter.model
+
+    def prepare(self) -> None:
+        """Called by ``wrap`` before the init is copied into the prompts."""
+
+    def problem(self) -> Optional[str]:
+        """Why this teacher cannot teach on this trainer (``None``: it can)."""
+        return None
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits of ``images`` (no gradient)."""
+        raise NotImplementedError(f"{type(self).__name__}.logits")
+
+    def features_module(self) -> Optional[nn.Module]:
+        """The frozen module whose output in the trainer's forward :meth:`logits_from_features` takes (or ``None``)."""
+        return None
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits from the output of :meth:`features_module`."""
+        raise NotImplementedError(f"{type(self).__name__} does not reuse image features")
+
+    def cosine_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits in float32: ``logit_scale.exp() * norm(image) @ norm(text).T`` with the model's scale."""
+        f = image_features.float()
+        f = f / f.norm(dim=-1, keepdim=True)
+        t = text_features.to(f.device).float()
+        t = t / t.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp().float() * f @ t.t()
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class CallableTeacher(ZeroShotTeacher):
+    """A teacher given by the user: ``wrap(trainer, prograd=1.0, teacher=<images -> zero-shot logits>)``."""
+
+    def __init__(self, adapter: "DasslAdapter", fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(adapter)
+        if not callable(fn):
+            raise AdapterError(f"teacher must be a callable images -> zero-shot logits, got {type(fn).__name__}")
+        self.fn = fn
+
+    def logits(self, images):
+        return self.fn(images)
+
+    def __repr__(self) -> str:
+        return f"CallableTeacher({getattr(self.fn, '__name__', type(self.fn).__name__)})"
+
+
 class DasslAdapter:
     """Base adapter: prompt parameters by name pattern, optimisers from ``register_model``, logits
-    and cross-entropy from ``trainer.model``, CoOp-style class buffers of ``model.prompt_learner``."""
+    and cross-entropy from ``trainer.model``, CoOp-style class buffers of ``model.prompt_learner``.
 
+    The class attributes below are the contract's data; :func:`register_adapter` checks them."""
+
+    #: the method's name in exported inits (``MP-<family>``, ``GRAM-<family>``); ``None``: meta-training
+    #: through this trainer is not supported. Stated by every registered class itself.
+    family: Optional[str] = None
+    #: what ``trainer.model(images)`` returns: a key of :data:`FORWARD_OUTPUTS`. Stated by every
+    #: registered class itself; :meth:`model_logits` reads the logits accordingly.
+    forward_output: str = "logits"
     #: regular expression (``re.search``) selecting prompt parameters among trainable ones
     prompt_pattern: str = r"^prompt_learner\."
     #: the trainer's yacs node under ``cfg.TRAINER`` (``"COOP"``), or ``None``
     cfg_node: Optional[str] = None
-    #: the method's name in exported inits (``MP-<family>``, ``GRAM-<family>``); ``None``: meta-training
-    #: through this trainer is not supported
-    family: Optional[str] = None
     #: the method name when a regulator is learned jointly (default ``GRAM-<family>``)
     regulated_name: Optional[str] = None
-    #: ``CustomCLIP.forward`` returns the loss while ``prompt_learner.training`` is set
-    returns_loss_while_training: bool = False
-    #: the trainer already projects gradients itself (ProGrad's own trainer): refuse a second ProGrad
-    projects_itself: bool = False
-    #: init tensor names accepted as aliases, e.g. ``{"ctx": "prompt_learner.ctx"}``
+    #: init tensor names accepted as aliases, e.g. ``{"ctx": "prompt_learner.ctx"}`` (the standalone
+    #: model's names); a property where they depend on the built model (VPT's per-layer tokens)
     init_aliases: dict = {}
-    #: ``trainer.model(images)`` returns the prompted logits while training (not the loss), so ProGrad
-    #: takes G_g from the trainer's own forward instead of running a second one
-    logits_from_own_forward: bool = False
     #: the prompt learner uses ``CTX_INIT``'s words only when it has at most this many context
     #: tokens (IVLP / MaPLe / PromptSRC: 4); ``None``: whenever ``CTX_INIT`` is set (CoOp, CoCoOp)
     ctx_init_max_tokens: Optional[int] = None
+    #: the trainer's own ``forward_backward`` runs ``trainer.model(images)`` and gets the logits, so
+    #: ProGrad takes G_g from that forward instead of running a second one (needs ``forward_output
+    #: == "logits"``)
+    logits_from_own_forward: bool = False
+    #: the trainer already projects gradients itself (ProGrad's own trainer): refuse a second ProGrad
+    projects_itself: bool = False
+    #: options meta-training forces on the trainer's config (``"{node}"`` is ``cfg_node``); keys the
+    #: trainer's config does not have are left out (:meth:`meta_train_cfg`)
+    meta_train_options: dict = {"TRAINER.{node}.PREC": "fp32"}  # second-order gradients need float32
+    #: ProGrad's zero-shot teacher (a :class:`ZeroShotTeacher` subclass), or ``None``: ProGrad then
+    #: needs ``wrap(..., teacher=<images -> logits>)``
+    teacher: Optional[type] = None
 
     def __init__(self, trainer):
         if not hasattr(trainer, "model") or not isinstance(getattr(trainer, "model"), nn.Module):
@@ -106,6 +196,7 @@ class DasslAdapter:
     # -- 1. parameters -------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
+        """``trainer.model`` without a DataParallel / DDP wrapper."""
         return unwrap(self.trainer.model)
 
     @property
@@ -117,6 +208,8 @@ class DasslAdapter:
             return None
 
     def prompt_parameters(self) -> "OrderedDict[str, nn.Parameter]":
+        """``{name: parameter}`` of the trainable parameters matching :attr:`prompt_pattern`, named
+        without a wrapper's ``module.`` prefix. Raises :class:`AdapterError` when none matches."""
         rx = re.compile(self.prompt_pattern)
         out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
         seen: set[int] = set()
@@ -134,6 +227,8 @@ class DasslAdapter:
 
     # -- 2. optimisers -------------------------------------------------------------------------
     def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimiser registered through ``register_model`` (and ``trainer.optim``). Raises
+        :class:`AdapterError` when there is none."""
         optims = getattr(self.trainer, "_optims", None) or {}
         out, seen = [], set()
         for opt in list(optims.values()) + [getattr(self.trainer, "optim", None)]:
@@ -152,17 +247,19 @@ class DasslAdapter:
 
     def model_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` (the trainer's CustomCLIP, or the same module under
-        ``functional_call``). Where the forward returns the loss while ``prompt_learner.training``
-        is set, that one flag is cleared for the call (not ``.eval()``: nothing else changes)."""
+        ``functional_call``), read as :attr:`forward_output` says: where the forward returns the
+        loss while ``prompt_learner.training`` is set, that one flag is cleared for the call (not
+        ``.eval()``: nothing else changes); where it returns a tuple, its first item."""
         pl = getattr(model, "prompt_learner", None)
-        if not self.returns_loss_while_training or pl is None:
-            return model(images)
-        was = pl.training
-        pl.training = False
-        try:
-            return model(images)
-        finally:
-            pl.training = was
+        if self.forward_output == "loss_while_training" and pl is not None:
+            was = pl.training
+            pl.training = False
+            try:
+                return model(images)
+            finally:
+                pl.training = was
+        out = model(images)
+        return out[0] if self.forward_output == "logits_first" else out
 
     def prompted_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the prompted model, differentiable in the prompt parameters."""
@@ -173,27 +270,21 @@ class DasslAdapter:
         its logits, in float32. Meta-training differentiates this through the fast weights."""
         return F.cross_entropy(self.model_logits(model, images).float(), labels)
 
-    def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no zero-shot teacher")
-
-    def image_features_module(self) -> Optional[nn.Module]:
-        """The frozen module whose output in the trainer's forward the teacher can reuse (or ``None``)."""
-        return None
-
-    def zero_shot_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Zero-shot logits from the output of :meth:`image_features_module`."""
-        raise NotImplementedError(f"{type(self).__name__} does not reuse image features")
-
-    def teacher_problem(self) -> Optional[str]:
-        """Why ProGrad cannot run on this trainer (``None`` when a zero-shot teacher exists)."""
-        if "zero_shot_logits" in self.__dict__ or type(self).zero_shot_logits is not DasslAdapter.zero_shot_logits:
-            return None
-        return f"{type(self).__name__} has no zero-shot teacher: pass wrap(..., teacher=<images -> logits>)"
+    def make_teacher(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> ZeroShotTeacher:
+        """ProGrad's zero-shot teacher: ``fn`` (``images -> logits``) when given, else one of the
+        adapter's :attr:`teacher` class; without either, a teacher whose ``problem()`` says so."""
+        if fn is not None:
+            return CallableTeacher(self, fn)
+        if self.teacher is None:
+            return _NoTeacher(self)
+        return self.teacher(self)
 
     def prepare(self) -> None:
-        """Called by ``wrap`` before the init is swapped in."""
+        """The trainer's own checks, called by ``wrap`` before anything is changed (raise
+        :class:`AdapterError` when the built trainer is not what the adapter expects)."""
 
     def describe(self) -> dict:
+        """``{name: shape}`` of the prompt parameters."""
         return {n: tuple(p.shape) for n, p in self.prompt_parameters().items()}
 
     # -- 4. class-dependent state (meta-training across class sets) ----------------------------
@@ -205,6 +296,7 @@ class DasslAdapter:
         return f"MP-{family}" + ("+clip" if clip_gamma else "")
 
     def meta_family(self) -> str:
+        """:attr:`family`; raises :class:`AdapterError` where meta-training is not supported."""
         if self.family is None:
             supported = [n for n, a in _REGISTRY.items() if a.family is not None]
             raise AdapterError(
@@ -212,6 +304,26 @@ class DasslAdapter:
                 f"say how the trainer builds its class-dependent buffers); supported: {', '.join(supported)}"
             )
         return self.family
+
+    @classmethod
+    def meta_train_cfg(cls, cfg) -> list:
+        """``[(key, value), ...]`` that meta-training forces on ``cfg`` for this trainer
+        (:attr:`meta_train_options` with ``{node}`` = :attr:`cfg_node`), leaving out keys ``cfg``
+        does not have (a trainer whose config has no ``PREC`` has nothing to force there)."""
+        out = []
+        for key, value in cls.meta_train_options.items():
+            if "{node}" in key and cls.cfg_node is None:
+                continue
+            key = key.format(node=cls.cfg_node)
+            node, ok = cfg, True
+            for part in key.split("."):
+                if not hasattr(node, part):
+                    ok = False
+                    break
+                node = getattr(node, part)
+            if ok:
+                out.append((key, value))
+        return out
 
     @property
     def prompt_learner(self) -> Optional[nn.Module]:
@@ -283,11 +395,19 @@ class DasslAdapter:
         self.model.tokenized_prompts = state["tokenized_prompts"]
 
 
+class _NoTeacher(ZeroShotTeacher):
+    """The teacher of an adapter that has none: it only says so."""
+
+    def problem(self):
+        return (f"{type(self.adapter).__name__} has no zero-shot teacher ({type(self.adapter.trainer).__name__} keeps none): "
+                "pass wrap(..., teacher=<images -> zero-shot logits>)")
+
+
 class GenericAdapter(DasslAdapter):
     """Any trainer: prompt parameters given by exact ``names`` or a regular expression ``pattern``.
 
-    ``teacher``: optional ``images -> zero-shot logits`` callable, enabling ProGrad.
     ``logits``: optional ``images -> prompted logits`` callable (default ``trainer.model(images)``).
+    ProGrad needs ``wrap(..., teacher=<images -> zero-shot logits>)``.
     """
 
     def __init__(
@@ -295,7 +415,6 @@ class GenericAdapter(DasslAdapter):
         trainer,
         names: Optional[Iterable[str]] = None,
         pattern: Optional[str] = None,
-        teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         super().__init__(trainer)
@@ -304,7 +423,7 @@ class GenericAdapter(DasslAdapter):
         self.names = None if names is None else [strip_wrapper_prefix(n) for n in names]
         if pattern is not None:
             self.prompt_pattern = pattern
-        self._teacher, self._logits = teacher, logits
+        self._logits = logits
 
     def prompt_parameters(self):
         if self.names is None:
@@ -321,23 +440,65 @@ class GenericAdapter(DasslAdapter):
     def prompted_logits(self, images):
         return self._logits(images) if self._logits is not None else super().prompted_logits(images)
 
-    def teacher_problem(self):
-        if self._teacher is None and "zero_shot_logits" not in self.__dict__:
-            return "GenericAdapter has no zero-shot teacher: pass wrap(..., teacher=<images -> logits>)"
-        return None
 
-    def zero_shot_logits(self, images):
-        if self._teacher is None:
-            raise NotImplementedError("GenericAdapter: pass teacher=<images -> zero-shot logits> to use ProGrad")
-        return self._teacher(images)
+def contract_problems(cls: type) -> list[str]:
+    """Why ``cls`` breaks the adapter contract (empty: it keeps it); what :func:`register_adapter` checks."""
+    if not (isinstance(cls, type) and issubclass(cls, DasslAdapter)):
+        return [f"{cls!r} is not a DasslAdapter subclass"]
+    problems = []
+    parent = cls.__mro__[1]
+    for name in OWN_DECLARATIONS:
+        if name not in cls.__dict__:
+            problems.append(f"it must state its own `{name}` (it would inherit {getattr(cls, name)!r} from {parent.__name__})")
+    if cls.family is not None and not (isinstance(cls.family, str) and cls.family):
+        problems.append(f"family must be a non-empty string or None, got {cls.family!r}")
+    if cls.forward_output not in FORWARD_OUTPUTS:
+        problems.append(f"forward_output must be one of {list(FORWARD_OUTPUTS)}, got {cls.forward_output!r}")
+    owner = next(k for k in cls.__mro__ if "model_logits" in k.__dict__)
+    if owner is not cls and owner is not DasslAdapter:
+        problems.append(f"it inherits {owner.__name__}.model_logits: state forward_output (or override model_logits) in {cls.__name__}")
+    if cls.logits_from_own_forward and cls.forward_output != "logits":
+        problems.append(f"logits_from_own_forward is True but forward_output is {cls.forward_output!r}: "
+                        "the trainer's own forward gives no logits to take G_g from")
+    if isinstance(cls.__dict__.get("prompt_pattern", cls.prompt_pattern), str):
+        try:
+            re.compile(cls.prompt_pattern)
+        except re.error as e:
+            problems.append(f"prompt_pattern {cls.prompt_pattern!r} is not a regular expression ({e})")
+    else:
+        problems.append(f"prompt_pattern must be a regular expression string, got {cls.prompt_pattern!r}")
+    if cls.cfg_node is not None and not isinstance(cls.cfg_node, str):
+        problems.append(f"cfg_node must be a string or None, got {cls.cfg_node!r}")
+    if cls.teacher is not None and not (isinstance(cls.teacher, type) and issubclass(cls.teacher, ZeroShotTeacher)):
+        problems.append(f"teacher must be a ZeroShotTeacher subclass or None, got {cls.teacher!r}")
+    if not (isinstance(cls.meta_train_options, dict) and all(isinstance(k, str) for k in cls.meta_train_options)):
+        problems.append(f"meta_train_options must be a dict of 'KEY.PATH': value, got {cls.meta_train_options!r}")
+    return problems
 
 
-def register_adapter(*trainer_names: str):
-    """Class decorator: use this adapter for Dassl trainers of these class names (and subclasses)."""
-    if not trainer_names:
-        raise ValueError("register_adapter needs at least one trainer class name")
+def register_adapter(*trainer_names: str, replace: bool = False):
+    """Class decorator: use this adapter for Dassl trainers of these class names (and their subclasses).
+
+    The class is checked against the contract first (:func:`contract_problems`: its own ``family``
+    and ``forward_output``, no inherited ``model_logits``, valid attribute values). A name that
+    already has an adapter is refused unless ``replace=True`` (re-importing the same module is no
+    conflict). Raises :class:`AdapterError`.
+    """
+    if not trainer_names or not all(isinstance(n, str) and n for n in trainer_names):
+        raise AdapterError(f"register_adapter needs trainer class names, got {trainer_names!r}")
 
     def deco(cls):
+        problems = contract_problems(cls)
+        if problems:
+            raise AdapterError(f"cannot register {getattr(cls, '__name__', cls)!r} for {', '.join(trainer_names)}: " + "; ".join(problems))
+        for name in trainer_names:
+            old = _REGISTRY.get(name)
+            same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+            if old is not None and not same and not replace:
+                raise AdapterError(
+                    f"trainer {name!r} already has an adapter ({old.__module__}.{old.__qualname__}); "
+                    f"to replace it with {cls.__qualname__}, use register_adapter({name!r}, replace=True)"
+                )
         for name in trainer_names:
             _REGISTRY[name] = cls
         return cls
@@ -346,6 +507,7 @@ def register_adapter(*trainer_names: str):
 
 
 def supported_trainers() -> list[str]:
+    """The trainer class names that have a registered adapter."""
     return list(_REGISTRY)
 
 

@@ -157,8 +157,10 @@ def meta_train(
     half = [n for n, p in params.items() if p.dtype != torch.float32]
     model = adapter.model
     if half or getattr(model, "dtype", torch.float32) != torch.float32:
+        options = " ".join(f"{k} {v}" for k, v in type(adapter).meta_train_cfg(getattr(trainer, "cfg", None)))
         raise AdapterError(
-            f"meta-train on a float32 trainer (PREC fp32): {half or 'the CLIP'} is not float32. "
+            f"meta-train on a float32 trainer: {half or 'the CLIP'} is not float32 (second-order gradients "
+            f"need float32){f'; build the trainer with the options {options}' if options else ''}. "
             "The exported init loads into an fp16 trainer too."
         )
     config = config or MetaConfig()

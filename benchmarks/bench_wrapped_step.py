@@ -87,7 +87,7 @@ def make_trainers(args, variants):
         elif v == "prograd":
             wrap(t, regulator=None, prograd=1.0)
         elif v == "prograd-2fwd":
-            from gram_plugin.adapters.coop import CoOpAdapter
+            from gram_plugin.adapters.trainers.coop import CoOpAdapter
 
             adapter = CoOpAdapter(t)
             adapter.logits_from_own_forward = False

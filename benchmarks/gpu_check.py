@@ -216,8 +216,6 @@ def part_fp16(args):
     import torch
 
     from conftest import make_tiny_clip
-    import gram_plugin.adapters.maple  # noqa: F401  (registers the adapters)
-    import gram_plugin.adapters.promptsrc  # noqa: F401
     from fixtures.dassl_vpt_family import CLASSNAMES, TRAINERS, make_batch, make_cfg
     from fixtures.hand import random_regulator
     from gram_plugin.adapters import adapter_for, wrap

@@ -1,6 +1,6 @@
 """gram-plugin: meta-learned prompt initialisation and regulated gradients for CLIP prompt tuning."""
 
-from .hooks import GradientHook, install_gradient_transform
+from .hooks import GradientHook, StepArguments, install_gradient_transform
 from .config import ConfigError
 from .meta import MetaConfig, MetaPromptTrainer, MetaTrainingError, module_loss
 from .metastep import MetaStep
@@ -8,7 +8,7 @@ from .prompts import PromptInit, PromptInitError, mark_prompts, prompt_parameter
 from .regulator import GradientRegulator
 from .safeio import ArtefactError, CacheError, CheckpointError, RunFolderError
 from .tasks import FixedTasks, Task, TaskSource
-from .transforms import chain, clip_meta, identity, prograd, regulate
+from .transforms import chain, clip_meta, general_knowledge_gradients, identity, prograd, regulate
 
 __version__ = "0.1.0"
 
@@ -16,8 +16,8 @@ __all__ = [
     # prompts and their artefact
     "mark_prompts", "unmark_prompts", "prompt_parameters", "PromptInit",
     # gradient transforms and where they hook in
-    "chain", "identity", "regulate", "prograd", "clip_meta", "GradientRegulator", "GradientHook",
-    "install_gradient_transform",
+    "chain", "identity", "regulate", "prograd", "general_knowledge_gradients", "clip_meta", "GradientRegulator",
+    "GradientHook", "StepArguments", "install_gradient_transform",
     # meta-learning: the algorithm, the loop around it, task sources
     "MetaStep", "MetaPromptTrainer", "MetaConfig", "module_loss", "Task", "TaskSource", "FixedTasks",
     # errors

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import integer_at_least, one_of, positive_number, raise_problems
-from .hooks import install_gradient_transform
+from .hooks import StepArguments, install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
-from .transforms import chain, prograd, regulate
+from .transforms import chain, general_knowledge_gradients, prograd, regulate
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
@@ -139,7 +139,8 @@ def tune(
         zs_text = F.normalize(zero_shot_text_features(model.backbone, train.classnames).float(), dim=-1)
     if regulator is not None:
         transforms.append(regulate(regulator))
-    hook = install_gradient_transform(opt, params, chain(*transforms)) if transforms else None
+    step_arguments = StepArguments()  # ProGrad's general_grads for the current step
+    hook = install_gradient_transform(opt, params, chain(*transforms), step_arguments) if transforms else None
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     model.set_classnames(train.classnames)
@@ -156,13 +157,12 @@ def tune(
                 if zs_text is not None:
                     # ProGrad's general direction: KL(p_zero-shot || p_prompted) on the same images
                     img = F.normalize(model.image_features(batch).float(), dim=-1)
-                    zs = (model.backbone.logit_scale.float() * img @ zs_text.t()).detach()
-                    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(zs, -1), log_target=True, reduction="batchmean")
-                    general = torch.autograd.grad(kl, list(params.values()), retain_graph=True, allow_unused=True)
-                    hook.context["general_grads"] = dict(zip(params, general))
+                    zs = model.backbone.logit_scale.float() * img @ zs_text.t()
+                    step_arguments.set(general_grads=general_knowledge_gradients(logits, zs, params, retain_graph=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                step_arguments.clear()
                 bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
                 if bad:
                     raise TuningError(f"epoch {epoch}, step {step}: the update made {bad} non-finite; "

@@ -198,20 +198,26 @@ class PromptInit:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PromptInit":
-        tensors, meta = load_tensors(path, what="init file", error=PromptInitError, kind=FILE_KIND)
+    def load(cls, path: str | os.PathLike, what: str = "init file") -> "PromptInit":
+        """Read an init written by :meth:`save` (no code from the file is executed).
+
+        ``what`` names the file in errors (``"regulator file"`` where the file is read for its
+        regulator). Raises :class:`PromptInitError` for a missing, damaged or foreign file, invalid
+        metadata or a newer format version.
+        """
+        tensors, meta = load_tensors(path, what=what, error=PromptInitError, kind=FILE_KIND)
         problems = metadata_problems(meta)
         if problems:
-            raise PromptInitError(f"init file {path} has invalid metadata: " + "; ".join(problems))
+            raise PromptInitError(f"{what} {path} has invalid metadata: " + "; ".join(problems))
         if meta.get("format_version", 1) > FORMAT_VERSION:
             raise PromptInitError(
-                f"init file {path} has format version {meta['format_version']}; this gram-plugin "
+                f"{what} {path} has format version {meta['format_version']}; this gram-plugin "
                 f"reads up to {FORMAT_VERSION}: upgrade gram-plugin"
             )
         names = meta["names"]
         missing = [n for n in names if n not in tensors]
         if missing:
-            raise PromptInitError(f"init file {path} lists tensors it does not contain: {missing}")
+            raise PromptInitError(f"{what} {path} lists tensors it does not contain: {missing}")
         prompts = OrderedDict((n, tensors[n]) for n in names)
         reg = {k[len(_REGULATOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_REGULATOR_PREFIX)}
         metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version", "kind")}

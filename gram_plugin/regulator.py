@@ -177,7 +177,45 @@ class GradientRegulator(nn.Module):
         return reg
 
     def has_head(self, name: str) -> bool:
+        """Whether the regulator regulates the parameter ``name``."""
         return name in self.shapes
+
+    def fit_problems(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """Why this regulator cannot regulate tensors of these ``{name: shape}`` (empty: it can).
+
+        A head acts on the last dimension, so that width must equal the tensor's (a regulator
+        learned on another backbone has other widths). The other dimensions may differ: the maps
+        are shared across tokens, classes and layers, so a regulator learned with another number of
+        context tokens (n_ctx) or without CSC's class dimension regulates each row as it would have.
+        Names the regulator has no head for are not a problem (their gradients pass through).
+        """
+        problems = []
+        for name, shape in shapes.items():
+            mine = self.shapes.get(name)
+            if mine is not None and tuple(shape)[-1:] != mine[-1:]:
+                problems.append(f"{name}: the regulator's head takes width {mine[-1]} (learned on shape {mine}), "
+                                f"the tensor has width {tuple(shape)[-1] if len(shape) else None} (shape {tuple(shape)})")
+        return problems
+
+    def renamed(self, mapping: Mapping[str, str]) -> "GradientRegulator":
+        """A copy whose head for ``old`` answers to ``mapping[old]`` (e.g. the standalone model's
+        ``ctx`` to CoOp's ``prompt_learner.ctx``); names not in ``mapping`` keep theirs. The head
+        key format (``heads.<name with . as __>.``, or ``heads.width_<D>.``) is this class's own."""
+        mapping = {o: n for o, n in mapping.items() if o in self.shapes and o != n}
+        if not mapping:
+            return self
+        shapes = {mapping.get(n, n): s for n, s in self.shapes.items()}
+        if len(shapes) != len(self.shapes):
+            raise ValueError(f"renaming {mapping} would give two regulator heads the same name")
+        out = type(self).from_config({**self.to_config(), "shapes": shapes})
+        prefixes = {f"heads.{self._key(o)}.": f"heads.{out._key(mapping.get(o, o))}." for o in self.shapes}
+        state = {}
+        for k, v in self.state_dict().items():
+            old = next(p for p in prefixes if k.startswith(p))
+            state[prefixes[old] + k[len(old):]] = v
+        out.load_state_dict(state)
+        ref = next(self.parameters())
+        return out.to(device=ref.device, dtype=ref.dtype)
 
     def forward(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         if name not in self.shapes:
@@ -192,5 +230,8 @@ class GradientRegulator(nn.Module):
         return out.to(device=grad.device, dtype=grad.dtype)
 
     def regulate(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-        """Regulate every gradient the regulator has a head for; others (and ``None``) pass through."""
+        """Regulate every gradient the regulator has a head for; others (and ``None``) pass through.
+
+        The one regulate path: meta-training's inner steps call it, and the ``regulate`` transform
+        (:func:`gram_plugin.transforms.regulate`) that fine-tuning installs is this method."""
         return {n: (self(n, g) if g is not None and self.has_head(n) else g) for n, g in grads.items()}

@@ -5,21 +5,32 @@ input and returns a new dictionary. ``None`` gradients (parameters that got no g
 pass through untouched. Arithmetic runs in float32 and each result is cast back to the dtype of the
 gradient it replaces, so fp16/bf16 trainers get the dtype they gave.
 
-Transforms that need more than the gradient (ProGrad needs the gradient of the general-knowledge
-loss) read it from ``context``, a mapping the caller fills.
+Transforms that need more than the gradient take it as a keyword argument, as optax passes extra
+arguments: ProGrad's general-knowledge gradient arrives as ``general_grads=`` (computed with
+:func:`general_knowledge_gradients`); :func:`chain` hands every keyword to every transform and each
+one takes what it uses.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 
 Grads = Mapping[str, Optional[torch.Tensor]]
 
 
 class GradientTransform(Protocol):
-    def __call__(self, grads: Grads, context: Mapping | None = None) -> dict[str, Optional[torch.Tensor]]:
+    def __call__(self, grads: Grads, **extra: Any) -> dict[str, Optional[torch.Tensor]]:
+        ...
+
+
+class Regulator(Protocol):
+    """What :func:`regulate` needs: ``regulate({name: grad}) -> {name: grad}``
+    (:meth:`gram_plugin.regulator.GradientRegulator.regulate`)."""
+
+    def regulate(self, grads: Grads) -> dict[str, Optional[torch.Tensor]]:
         ...
 
 
@@ -29,60 +40,71 @@ class _Named:
     def __init__(self, fn: Callable, text: str):
         self._fn, self._text = fn, text
 
-    def __call__(self, grads: Grads, context: Mapping | None = None):
-        return self._fn(grads, context or {})
+    def __call__(self, grads: Grads, **extra: Any):
+        return self._fn(grads, **extra)
 
     def __repr__(self) -> str:
         return self._text
 
 
 def identity() -> GradientTransform:
-    return _Named(lambda grads, ctx: dict(grads), "identity()")
+    """The gradients unchanged (a new dictionary)."""
+    return _Named(lambda grads, **extra: dict(grads), "identity()")
 
 
 def chain(*transforms: GradientTransform) -> GradientTransform:
-    """Apply ``transforms`` left to right: ``chain(prograd(1.0), regulate(R))``."""
+    """Apply ``transforms`` left to right: ``chain(prograd(1.0), regulate(R))``. Every keyword
+    argument (e.g. ``general_grads=``) is passed to every transform."""
 
-    def apply(grads, ctx):
+    def apply(grads, **extra):
         out = dict(grads)
         for t in transforms:
-            out = t(out, ctx)
+            out = t(out, **extra)
         return out
 
     return _Named(apply, "chain(" + ", ".join(map(repr, transforms)) + ")")
 
 
-def regulate(regulator: Callable[[str, torch.Tensor], torch.Tensor]) -> GradientTransform:
+def regulate(regulator: Regulator) -> GradientTransform:
     """GRAM's gradient regulation (Li et al., ICCV 2023, eq. 5-6): g -> gamma(g) * g + beta(g).
 
-    ``regulator`` is a :class:`~gram_plugin.regulator.GradientRegulator` (or any callable
-    ``(name, grad) -> grad``). Parameters the regulator has no head for pass through unchanged.
-    Differentiable in the regulator's parameters (that is how meta-training learns it).
+    ``regulator``: a :class:`~gram_plugin.regulator.GradientRegulator`; its ``regulate`` is the one
+    implementation (also what meta-training's inner steps call): parameters it has no head for, and
+    ``None`` gradients, pass through unchanged. Differentiable in the regulator's parameters (that
+    is how meta-training learns it).
     """
-
-    def apply(grads, ctx):
-        has_head = getattr(regulator, "has_head", lambda name: True)
-        out = {}
-        for name, g in grads.items():
-            if g is None or not has_head(name):
-                out[name] = g
-            else:
-                out[name] = regulator(name, g)
-        return out
-
-    return _Named(apply, f"regulate({type(regulator).__name__})")
+    if not callable(getattr(regulator, "regulate", None)):
+        raise TypeError(f"regulate needs a GradientRegulator (an object with .regulate(grads)), got {type(regulator).__name__}")
+    return _Named(lambda grads, **extra: regulator.regulate(grads), f"regulate({type(regulator).__name__})")
 
 
 #: ProGrad leaves a tensor's G_d alone when ||G_g|| < PROGRAD_MIN_RELATIVE_NORM * ||G_d|| (see :func:`prograd`)
 PROGRAD_MIN_RELATIVE_NORM = 1e-3
 
 
-def prograd(lam: float = 1.0, general_key: str = "general_grads",
-            min_relative_norm: float = PROGRAD_MIN_RELATIVE_NORM) -> GradientTransform:
+def general_knowledge_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                params: Mapping[str, torch.Tensor], retain_graph: bool = False) -> dict:
+    """ProGrad's G_g: ``{name: d KL(p_teacher || p_student) / d param}`` (``None`` where unused).
+
+    KL between the softmax of the zero-shot ``teacher_logits`` and of the prompted
+    ``student_logits`` (temperature 1, averaged over the batch, computed in float32); its gradient
+    equals that of ProGrad's published ``kl_loss`` (which differs by the teacher's entropy only).
+    ``retain_graph=True`` keeps the student's graph for the task loss's own backward. No ``.grad``
+    is touched (``torch.autograd.grad``). The result is what :func:`prograd` takes as ``general_grads``.
+    """
+    kl = F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.detach().float(), dim=-1),
+                  reduction="batchmean", log_target=True)
+    names = list(params)
+    grads = torch.autograd.grad(kl, [params[n] for n in names], retain_graph=retain_graph, allow_unused=True)
+    return {n: (None if g is None else g.detach()) for n, g in zip(names, grads)}
+
+
+def prograd(lam: float = 1.0, min_relative_norm: float = PROGRAD_MIN_RELATIVE_NORM) -> GradientTransform:
     """ProGrad (Zhu et al., ICCV 2023): drop the part of the task gradient that fights the zero-shot model.
 
     Per parameter tensor, with G_d the task (cross-entropy) gradient and G_g the gradient of
-    KL(p_zero-shot || p_prompted) found in ``context[general_key]``::
+    KL(p_zero-shot || p_prompted), passed as the keyword argument ``general_grads``
+    (:func:`general_knowledge_gradients`)::
 
         G = G_d - lam * (G_d . G_g / ||G_g||^2) * G_g   if G_d . G_g < 0
         G = G_d                                         otherwise
@@ -101,12 +123,12 @@ def prograd(lam: float = 1.0, general_key: str = "general_grads",
     if not (min_relative_norm >= 0 and min_relative_norm < float("inf")):
         raise ValueError(f"prograd: min_relative_norm must be a finite number >= 0, got {min_relative_norm}")
 
-    def apply(grads, ctx):
-        general = ctx.get(general_key)
+    def apply(grads, general_grads: Optional[Mapping] = None, **extra):
+        general = general_grads
         if general is None:
             raise KeyError(
-                f"prograd needs the general-knowledge gradients in context[{general_key!r}] "
-                "(wrap the trainer's forward_backward with the ProGrad adapter)"
+                "prograd needs the general-knowledge gradients as the keyword argument general_grads= "
+                "(gram_plugin.transforms.general_knowledge_gradients; wrap(trainer, prograd=...) supplies them)"
             )
         out = {}
         for name, gd in grads.items():
@@ -146,7 +168,7 @@ def clip_meta(gamma: float = 5.0) -> GradientTransform:
     if not gamma > 0:
         raise ValueError(f"clip_meta: gamma must be > 0, got {gamma}")
 
-    def apply(grads, ctx):
+    def apply(grads, **extra):
         norm = global_norm(grads)
         scale = gamma / torch.clamp(norm, min=gamma)
         return {n: (None if g is None else (g.float() * scale.to(g.device)).to(g.dtype)) for n, g in grads.items()}

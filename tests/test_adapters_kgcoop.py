@@ -1,4 +1,4 @@
-"""The KgCoOp adapter (adapters/kgcoop.py) on a replica of htyao89/KgCoOp ``trainers/kgcoop.py``.
+"""The KgCoOp adapter (adapters/trainers/kgcoop.py) on a replica of htyao89/KgCoOp ``trainers/kgcoop.py``.
 
 The replica keeps what the adapter relies on: CoOp's prompt learner under ``TRAINER.COOP`` plus the
 frozen ``bias_vectors`` / ``meta_net`` the trainer leaves untrained (only names with ``ctx`` train),
@@ -31,7 +31,7 @@ from fixtures.dassl_like import (
 from fixtures.hand import random_regulator, regulate_by_hand
 from gram_plugin import PromptInit
 from gram_plugin.adapters import adapter_for, wrap
-from gram_plugin.adapters.kgcoop import KgCoOpAdapter
+from gram_plugin.adapters.trainers.kgcoop import KgCoOpAdapter
 from gram_plugin.adapters.meta import ClassBuffers, meta_train
 from gram_plugin.meta import MetaConfig
 
@@ -128,7 +128,7 @@ def test_prograd_teacher_is_the_hand_crafted_text_and_the_step_is_projected():
     for seed in range(6):
         batch = make_batch(seed=seed)
         teacher = zero_shot(batch["img"]).detach()
-        assert torch.allclose(handle.adapter.zero_shot_logits(batch["img"]), teacher, atol=1e-5)
+        assert torch.allclose(handle.teacher.logits(batch["img"]), teacher, atol=1e-5)
         p0 = ctx.detach().clone()
         logits, score = trainer.model(batch["img"])
         (gd,) = torch.autograd.grad(F.cross_entropy(logits, batch["label"]) + w * score, [ctx], retain_graph=True)

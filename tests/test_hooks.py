@@ -40,7 +40,7 @@ def test_gradscaler_path_regulates_unscaled_grads_and_skips_inf_steps():
     opt = torch.optim.SGD([p], lr=1.0)
     seen = []
 
-    def spy(grads, ctx):
+    def spy(grads, **extra):
         seen.append(grads["p"].clone())
         return grads
 

@@ -119,7 +119,7 @@ def grad_pairs(draw):
 @given(grad_pairs(), st.floats(0.0, 1.0))
 def test_prograd_never_increases_conflict(pair, lam):
     d, g = pair
-    out = prograd(lam)({"p": d}, {"general_grads": {"p": g}})["p"]
+    out = prograd(lam)({"p": d}, general_grads={"p": g})["p"]
     assert out.shape == d.shape and out.dtype == d.dtype
     before = float((d.double() * g.double()).sum())
     after = float((out.double() * g.double()).sum())

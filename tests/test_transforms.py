@@ -100,20 +100,20 @@ def test_regulate_transform_leaves_none_and_unknown_alone():
 def test_prograd_projects_only_conflicting_tensors():
     gd = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([1.0, 1.0]), "z": torch.tensor([2.0, 0.0]), "n": None}
     gg = {"x": torch.tensor([-1.0, 1.0]), "y": torch.tensor([1.0, 0.0]), "z": torch.zeros(2), "n": torch.ones(1)}
-    out = prograd(1.0)(gd, {"general_grads": gg})
+    out = prograd(1.0)(gd, general_grads=gg)
     # x conflicts (dot = -1): x - (-1 / 2) * gg = [0.5, 0.5], orthogonal to gg
     torch.testing.assert_close(out["x"], torch.tensor([0.5, 0.5]))
     assert out["y"] is gd["y"]  # agrees: unchanged
     assert out["z"] is gd["z"]  # zero general gradient: guarded
     assert out["n"] is None
-    half = prograd(0.5)(gd, {"general_grads": gg})
+    half = prograd(0.5)(gd, general_grads=gg)
     torch.testing.assert_close(half["x"], torch.tensor([0.75, 0.25]))
 
 
 def test_prograd_fp16_in_fp16_out_and_needs_context():
     gd = {"x": torch.tensor([1.0, 0.0], dtype=torch.float16)}
     gg = {"x": torch.tensor([-1.0, 1.0], dtype=torch.float16)}
-    out = prograd()(gd, {"general_grads": gg})
+    out = prograd()(gd, general_grads=gg)
     assert out["x"].dtype == torch.float16
     torch.testing.assert_close(out["x"], torch.tensor([0.5, 0.5], dtype=torch.float16))
     with pytest.raises(KeyError, match="general_grads"):

@@ -1,13 +1,7 @@
-"""IVLP and PromptSRC (Khattak et al., ICCV 2023; muzairkhattak/PromptSRC ``trainers/promptsrc.py``).
+"""PromptSRC (Khattak et al., ICCV 2023; muzairkhattak/PromptSRC ``trainers/promptsrc.py``).
 
-IVLP (independent vision-language prompting) layout (``N_t = N_CTX_TEXT``, ``N_v = N_CTX_VISION``):
-``prompt_learner.ctx`` ``(N_t, D)``, ``image_encoder.VPT`` ``(N_v, W)``,
-``image_encoder.transformer.resblocks.i.VPT_shallow`` ``(N_v, W)`` and
-``text_encoder.transformer.resblocks.i.VPT_shallow`` ``(N_t, D)`` for i in 1..depth-1. VPT tokens are
-float32 under ``PREC fp16``, ``ctx`` takes CLIP's dtype. Joint text + visual prompts regulated by one
-``GradientRegulator`` is UNIGRAM's setting.
-
-PromptSRC is IVLP plus self-regularisation: a frozen, prompt-free zero-shot image encoder
+IVLP's layout (:mod:`.ivlp`: text ``ctx``, visual and text ``VPT_shallow`` per block) plus
+self-regularisation: a frozen, prompt-free zero-shot image encoder
 ``prompt_learner.ZS_image_encoder`` *inside* the prompt learner (requires_grad False -- the adapter
 selects by ``requires_grad``, so it is never regulated, meta-learned or overwritten by an init),
 fixed text embeddings ``prompt_learner.fixed_embeddings`` (mean over templates of the frozen text
@@ -16,9 +10,8 @@ logits), and Gaussian prompt aggregation (GPA) over epochs. The regulated step a
 that whole loss at ``optim.step()``; GPA then averages the regulated weights (it reads and finally
 loads ``model.state_dict()``, which copies into the same parameter objects, so the hooks stay valid).
 
-ProGrad: PromptSRC already holds a zero-shot teacher,
-``logit_scale * norm(ZS_image_encoder(x)) @ norm(fixed_embeddings).T`` -- exactly its own
-``zero_shot_logits``.
+ProGrad: PromptSRC already holds a zero-shot teacher (:class:`PromptSRCTeacher`),
+``logit_scale * norm(ZS_image_encoder(x)) @ norm(fixed_embeddings).T``.
 """
 
 from __future__ import annotations
@@ -26,10 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AdapterError, DasslAdapter, register_adapter, trainer_module
-from .vpt import TEXT_DEEP_PROMPTS, VISUAL_PROMPTS, layer_aliases
-
-IVLP_PROMPTS = r"^prompt_learner\.ctx$|" + VISUAL_PROMPTS + "|" + TEXT_DEEP_PROMPTS
+from ..base import AdapterError, ZeroShotTeacher, register_adapter, trainer_module
+from .ivlp import IVLPAdapter
 
 
 def encoder_dtype(encoder) -> torch.dtype:
@@ -46,27 +37,22 @@ def _inputs_to_own_dtype(module, args):
     return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-@register_adapter("IVLP")
-class IVLPAdapter(DasslAdapter):
-    prompt_pattern = IVLP_PROMPTS
-    cfg_node = "IVLP"
-    family = "IVLP"
-    regulated_name = "UNIGRAM"  # joint text + visual prompts under one regulator
-    returns_loss_while_training = True
-    ctx_init_max_tokens = 4
+class PromptSRCTeacher(ZeroShotTeacher):
+    """PromptSRC's own zero-shot CLIP: its frozen ``ZS_image_encoder`` and ``fixed_embeddings``."""
 
-    @property
-    def init_aliases(self):
-        names = [n for n, _ in self.model.named_parameters()]
-        aliases = {"ctx": "prompt_learner.ctx"}
-        aliases.update(layer_aliases(names, "vpt", "image_encoder.VPT", r"^image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$"))
-        return aliases
+    @torch.no_grad()
+    def logits(self, images):
+        pl = self.model.prompt_learner
+        # in the encoder's own dtype: upstream keeps it fp16 even when the trainer runs fp32
+        return self.cosine_logits(pl.ZS_image_encoder(images.type(encoder_dtype(pl.ZS_image_encoder))), pl.fixed_embeddings)
 
 
 @register_adapter("PromptSRC")
 class PromptSRCAdapter(IVLPAdapter):
-    cfg_node = "PROMPTSRC"
     family = "PromptSRC"
+    forward_output = "loss_while_training"
+    cfg_node = "PROMPTSRC"
+    teacher = PromptSRCTeacher
     #: the text templates its fixed embeddings average over (default: the trainer module's
     #: ``IMAGENET_TEMPLATES`` or ``TEMPLATES``)
     templates = None
@@ -80,20 +66,6 @@ class PromptSRCAdapter(IVLPAdapter):
             raise AdapterError(
                 f"PromptSRC's zero-shot image encoder must stay frozen, but {trainable[:3]} require gradients"
             )
-
-    @torch.no_grad()
-    def zero_shot_logits(self, images):
-        model = self.model
-        pl = model.prompt_learner
-        # in the encoder's own dtype: upstream keeps it fp16 even when the trainer runs fp32
-        f = pl.ZS_image_encoder(images.type(encoder_dtype(pl.ZS_image_encoder))).float()
-        f = f / f.norm(dim=-1, keepdim=True)
-        t = pl.fixed_embeddings.to(f.device).float()
-        t = t / t.norm(dim=-1, keepdim=True)
-        return model.logit_scale.exp().float() * f @ t.t()
-
-    def teacher_problem(self):
-        return None
 
     def method_loss(self, model, images, labels):
         """CE + the self-regularising terms: L1 of the text and image features to the fixed

@@ -15,14 +15,14 @@ words), so ProGrad needs ``teacher=``.
 
 from __future__ import annotations
 
-from .base import DasslAdapter, register_adapter
+from ..base import DasslAdapter, register_adapter
 
 
 @register_adapter("MaPLe")
 class MaPLeAdapter(DasslAdapter):
+    family = "MaPLe"
+    forward_output = "loss_while_training"
     prompt_pattern = r"^prompt_learner\.(ctx$|proj\.|compound_prompts_text\.\d+$|compound_prompt_projections\.\d+\.)"
     init_aliases = {"ctx": "prompt_learner.ctx"}
     cfg_node = "MAPLE"
-    family = "MaPLe"
-    returns_loss_while_training = True
     ctx_init_max_tokens = 4

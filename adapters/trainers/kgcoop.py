@@ -22,40 +22,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AdapterError, register_adapter, trainer_module
+from ..base import AdapterError, ZeroShotTeacher, register_adapter, trainer_module
 from .coop import CoOpAdapter
+
+
+class HandCraftedTextTeacher(ZeroShotTeacher):
+    """KgCoOp's zero-shot CLIP: ``logit_scale * norm(image_encoder(x)) @ norm(ori_embedding).T``."""
+
+    @torch.no_grad()
+    def logits(self, images):
+        model = self.model
+        return self.cosine_logits(model.image_encoder(images.type(model.dtype)), model.ori_embedding)
 
 
 @register_adapter("KgCoOp")
 class KgCoOpAdapter(CoOpAdapter):
     family = "KgCoOp"
-    logits_from_own_forward = False  # its forward returns (logits, score)
+    forward_output = "logits_first"  # its forward returns (logits, score)
+    logits_from_own_forward = False
+    teacher = HandCraftedTextTeacher
 
     def prepare(self) -> None:
         if getattr(self.model, "ori_embedding", None) is None:
             raise AdapterError("KgCoOp trainer without model.ori_embedding (the hand-crafted text features)")
 
-    def model_logits(self, model, images):
-        return model(images)[0]
-
     def method_loss(self, model, images, labels):
+        """CE of the logits + ``TRAINER.COOP.W`` times the text-distance score (as its ``forward_backward``)."""
         logits, score = model(images)
         return F.cross_entropy(logits.float(), labels) + float(self.node.W) * score.float()
-
-    def teacher_problem(self):
-        return None
-
-    def image_features_module(self):
-        return None
-
-    @torch.no_grad()
-    def zero_shot_logits(self, images):
-        model = self.model
-        f = model.image_encoder(images.type(model.dtype)).float()
-        f = f / f.norm(dim=-1, keepdim=True)
-        t = model.ori_embedding.to(f.device).float()
-        t = t / t.norm(dim=-1, keepdim=True)
-        return model.logit_scale.exp().float() * f @ t.t()
 
     def prompt_prefix(self) -> str:
         # upstream uses the fixed words "a photo of a" whenever CTX_INIT is truthy (its yaml sets True)
@@ -64,6 +58,7 @@ class KgCoOpAdapter(CoOpAdapter):
         return " ".join(["X"] * self.prompt_learner.n_ctx)
 
     def text_template(self) -> str:
+        """The dataset's hand-crafted template (``CUSTOM_TEMPLATES[DATASET.NAME]`` of the trainer's module)."""
         templates = getattr(trainer_module(self.trainer), "CUSTOM_TEMPLATES", {})
         name = self.trainer.cfg.DATASET.NAME
         if name not in templates:

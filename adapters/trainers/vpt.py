@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .base import DasslAdapter, register_adapter
+from ..base import DasslAdapter, register_adapter
 
 VISUAL_PROMPTS = r"^image_encoder\.(VPT$|transformer\.resblocks\.\d+\.VPT_shallow$)"
 TEXT_DEEP_PROMPTS = r"^text_encoder\.transformer\.resblocks\.\d+\.VPT_shallow$"
@@ -41,9 +41,10 @@ def layer_aliases(names, prefix: str, first: str, deep_rx: str) -> dict:
 
 @register_adapter("VPT")
 class VPTAdapter(DasslAdapter):
+    family = "VPT"
+    forward_output = "logits"  # model(images) (training=False); its forward_backward asks for the loss
     prompt_pattern = VISUAL_PROMPTS
     cfg_node = "VPT"
-    family = "VPT"
 
     @property
     def init_aliases(self):
