@@ -327,6 +327,7 @@ class DasslAdapter:
 
     @property
     def prompt_learner(self) -> Optional[nn.Module]:
+        """``model.prompt_learner`` (``None`` when the model has none)."""
         return getattr(self.model, "prompt_learner", None)
 
     def check_meta_trainable(self) -> None:

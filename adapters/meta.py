@@ -91,6 +91,7 @@ class ClassBuffers:
             self._check_reproduces(own)
 
     def build(self, classnames: Sequence[str]) -> dict:
+        """The class-dependent state for ``classnames`` (built once per class set, then cached)."""
         key = tuple(classnames)
         if key not in self._cache:
             self._cache[key] = self.adapter.build_class_buffers(list(classnames), self.clip_model, self.tokenize)
@@ -117,9 +118,11 @@ class ClassBuffers:
             )
 
     def use(self, classnames: Sequence[str]) -> None:
+        """Put the state for ``classnames`` into the trainer's model."""
         self.adapter.use_class_buffers(self.build(classnames))
 
     def restore(self) -> None:
+        """Put the trainer's own class-dependent state back."""
         self.adapter.use_class_buffers(self._original)
 
 

@@ -76,6 +76,7 @@ class GradientHook:
         return None
 
     def remove(self) -> None:
+        """Uninstall the transform from the optimiser."""
         self._handle.remove()
 
 

@@ -22,6 +22,8 @@ Grads = Mapping[str, Optional[torch.Tensor]]
 
 
 class GradientTransform(Protocol):
+    """``(grads, **extra) -> new grads``: never mutates ``grads``; takes the keywords it uses."""
+
     def __call__(self, grads: Grads, **extra: Any) -> dict[str, Optional[torch.Tensor]]:
         ...
 

@@ -18,6 +18,8 @@ from .coop import CoOpAdapter
 
 @register_adapter("CoCoOp")
 class CoCoOpAdapter(CoOpAdapter):
+    """CoCoOp: ``ctx`` and the Meta-Net; its forward returns the loss while training."""
+
     family = "CoCoOp"
     forward_output = "loss_while_training"
     logits_from_own_forward = False

@@ -81,6 +81,8 @@ class HandCraftedContextTeacher(ZeroShotTeacher):
 
 @register_adapter("CoOp")
 class CoOpAdapter(DasslAdapter):
+    """CoOp: ``prompt_learner.ctx``, logits from its own forward, the hand-crafted-context teacher."""
+
     family = "CoOp"
     forward_output = "logits"
     logits_from_own_forward = True  # forward_backward runs model(image) and gets the logits

@@ -19,6 +19,8 @@ IVLP_PROMPTS = r"^prompt_learner\.ctx$|" + VISUAL_PROMPTS + "|" + TEXT_DEEP_PROM
 
 @register_adapter("IVLP")
 class IVLPAdapter(DasslAdapter):
+    """IVLP: text ``ctx`` plus visual and text prompt tokens per block (UNIGRAM with a regulator)."""
+
     family = "IVLP"
     forward_output = "loss_while_training"
     prompt_pattern = IVLP_PROMPTS

@@ -37,6 +37,8 @@ class HandCraftedTextTeacher(ZeroShotTeacher):
 
 @register_adapter("KgCoOp")
 class KgCoOpAdapter(CoOpAdapter):
+    """KgCoOp: CoOp's ``ctx``, forward ``(logits, score)``, loss ``CE + W * score``, hand-crafted text teacher."""
+
     family = "KgCoOp"
     forward_output = "logits_first"  # its forward returns (logits, score)
     logits_from_own_forward = False

@@ -20,6 +20,8 @@ from ..base import DasslAdapter, register_adapter
 
 @register_adapter("MaPLe")
 class MaPLeAdapter(DasslAdapter):
+    """MaPLe: ``ctx``, its coupling ``proj``, compound prompts and their projections."""
+
     family = "MaPLe"
     forward_output = "loss_while_training"
     prompt_pattern = r"^prompt_learner\.(ctx$|proj\.|compound_prompts_text\.\d+$|compound_prompt_projections\.\d+\.)"

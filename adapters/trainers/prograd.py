@@ -18,6 +18,8 @@ from .coop import CoOpAdapter
 
 @register_adapter("ProGrad")
 class ProGradAdapter(CoOpAdapter):
+    """ProGrad's own trainer: CoOp's prompts, projects its gradients itself."""
+
     family = "ProGrad"
     forward_output = "logits"
     projects_itself = True

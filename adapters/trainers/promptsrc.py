@@ -49,6 +49,8 @@ class PromptSRCTeacher(ZeroShotTeacher):
 
 @register_adapter("PromptSRC")
 class PromptSRCAdapter(IVLPAdapter):
+    """PromptSRC: IVLP's prompts, its self-regularising loss and its own zero-shot teacher."""
+
     family = "PromptSRC"
     forward_output = "loss_while_training"
     cfg_node = "PROMPTSRC"

@@ -41,6 +41,8 @@ def layer_aliases(names, prefix: str, first: str, deep_rx: str) -> dict:
 
 @register_adapter("VPT")
 class VPTAdapter(DasslAdapter):
+    """VPT: per-layer visual prompt tokens; fixed hand-crafted text features as class state."""
+
     family = "VPT"
     forward_output = "logits"  # model(images) (training=False); its forward_backward asks for the loss
     prompt_pattern = VISUAL_PROMPTS
