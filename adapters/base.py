@@ -283,6 +283,11 @@ class DasslAdapter:
         """The trainer's own checks, called by ``wrap`` before anything is changed (raise
         :class:`AdapterError` when the built trainer is not what the adapter expects)."""
 
+    def prepare_meta_training(self) -> None:
+        """Make the trainer, built with :meth:`meta_train_cfg`'s options, fit for meta-training where
+        those options are not enough (called by ``adapters.meta.meta_train`` before its float32
+        check; MaPLe casts upstream's fp16 ``proj``). Default: nothing."""
+
     def describe(self) -> dict:
         """``{name: shape}`` of the prompt parameters."""
         return {n: tuple(p.shape) for n, p in self.prompt_parameters().items()}

@@ -144,7 +144,8 @@ def meta_train(
     """Meta-learn the trainer's prompt tensors on tasks with their own class sets; return the init.
 
     Args:
-        trainer: a built (fp32) Dassl trainer with a registered adapter; its parameters are not changed.
+        trainer: a built (fp32) Dassl trainer with a registered adapter; the values of its parameters are
+            not changed (the adapter's ``prepare_meta_training`` may cast a dtype, MaPLe's ``proj``).
         task_source: tasks whose support / query are standard CLIP batches (``images`` preprocessed to the
             trainer's input size, ``labels``, ``classnames``).
         config: :class:`MetaConfig` (inner/outer lr, inner steps, meta-batch, ``clip_gamma``, ...).
@@ -156,6 +157,7 @@ def meta_train(
         metadata: extra metadata for the exported init (e.g. the backbone name).
     """
     adapter = adapter or adapter_for(trainer)
+    adapter.prepare_meta_training()
     params = adapter.prompt_parameters()
     half = [n for n, p in params.items() if p.dtype != torch.float32]
     model = adapter.model

@@ -121,6 +121,20 @@ def test_meta_train_then_tune_round_trip(method, regulator, real_tasks, tmp_path
     assert (len(handle.hooks) == 1) == regulator
 
 
+def test_meta_train_maple_casts_upstreams_fp16_proj_under_prec_fp32(real_tasks):
+    # upstream's MultiModalPromptLearner calls proj.half() whatever PREC says
+    tasks, _ = real_tasks
+    trainer = build_any("MaPLe")
+    proj = trainer.model.prompt_learner.proj
+    proj.half()
+    weight = proj.weight
+    config = MetaConfig(steps=1, meta_batch_size=1, inner_steps=1, inner_lr=0.05, outer_lr=0.01, progress=False)
+    init = meta_train(trainer, tasks, config, clip_model=make_tiny_clip(0), tokenize=tokenize)
+    assert proj.weight is weight and weight.dtype == torch.float32  # cast in place: the optimiser still holds it
+    assert init.tensors["prompt_learner.proj.weight"].dtype == torch.float32
+    assert any(weight is p for g in trainer.optim.param_groups for p in g["params"])
+
+
 def test_meta_train_promptsrc_prec_fp32_with_upstreams_fp16_zero_shot_encoder(real_tasks):
     # upstream PromptSRC builds its frozen zero-shot encoder fp16 whatever PREC says and feeds it
     # image.type(self.dtype): under PREC fp32 its own forward fails. meta_train must run the teacher

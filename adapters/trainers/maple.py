@@ -9,11 +9,17 @@ last dimension, so each projection's weight ``(W, D)`` is regulated row-wise wit
 The whole model is registered (``register_model("MultiModalPromptLearner", self.model, ...)``);
 the trainer steps with a bare ``optim.step()`` or ``scaler.step``.
 
+Upstream's prompt learner calls ``self.proj.half()`` whatever ``PREC`` says, so a trainer built under
+``PREC fp32`` (as meta-training forces) holds an fp16 ``proj`` in a float32 model: meta-training casts
+it to float32 first (:meth:`MaPLeAdapter.prepare_meta_training`).
+
 No zero-shot teacher (with ``CTX_INIT`` and ``N < len(words)`` the context is only the first N
 words), so ProGrad needs ``teacher=``.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..base import DasslAdapter, register_adapter
 
@@ -28,3 +34,9 @@ class MaPLeAdapter(DasslAdapter):
     init_aliases = {"ctx": "prompt_learner.ctx"}
     cfg_node = "MAPLE"
     ctx_init_max_tokens = 4
+
+    def prepare_meta_training(self) -> None:
+        """Cast upstream's fp16 ``proj`` to float32 when the rest of the model is float32 (``PREC fp32``)."""
+        proj = self.model.prompt_learner.proj
+        if getattr(self.model, "dtype", None) == torch.float32 and proj.weight.dtype != torch.float32:
+            proj.float()  # in place: the optimiser's parameter objects stay the same
