@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gram_plugin.errors import GramPluginError
 from gram_plugin.prompts import strip_wrapper_prefix
 
 _REGISTRY: "OrderedDict[str, type[DasslAdapter]]" = OrderedDict()
@@ -68,7 +69,7 @@ FORWARD_OUTPUTS = {
 OWN_DECLARATIONS = ("family", "forward_output")
 
 
-class AdapterError(ValueError):
+class AdapterError(GramPluginError, ValueError):
     """The trainer does not fit the adapter (no prompt parameters, no optimiser, no teacher, ...),
     or an adapter class breaks the contract."""
 

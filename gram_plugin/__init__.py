@@ -2,6 +2,7 @@
 
 from .hooks import GradientHook, StepArguments, install_gradient_transform
 from .config import ConfigError
+from .errors import GramPluginError
 from .meta import MetaConfig, MetaPromptTrainer, MetaTrainingError, module_loss
 from .metastep import MetaStep
 from .prompts import PromptInit, PromptInitError, mark_prompts, prompt_parameters, unmark_prompts
@@ -21,6 +22,6 @@ __all__ = [
     # meta-learning: the algorithm, the loop around it, task sources
     "MetaStep", "MetaPromptTrainer", "MetaConfig", "module_loss", "Task", "TaskSource", "FixedTasks",
     # errors
-    "ConfigError", "MetaTrainingError", "ArtefactError", "PromptInitError", "CheckpointError", "CacheError",
+    "GramPluginError", "ConfigError", "MetaTrainingError", "ArtefactError", "PromptInitError", "CheckpointError", "CacheError",
     "RunFolderError",
 ]

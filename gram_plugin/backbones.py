@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import GramPluginError
 from .safeio import file_sha256
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(GramPluginError, RuntimeError):
     """The requested CLIP weights could not be loaded."""
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from .errors import GramPluginError
 
-class ConfigError(ValueError):
+
+class ConfigError(GramPluginError, ValueError):
     """Invalid settings; ``problems`` lists each one."""
 
     def __init__(self, what: str, problems: list[str]):

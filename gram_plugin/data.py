@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import GramPluginError
 from .tasks import Task
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -22,7 +23,7 @@ CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # CoOp's Caltech101 drops
 CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 
 
-class DataError(ValueError):
+class DataError(GramPluginError, ValueError):
     """A dataset or task request that cannot be met."""
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import GramPluginError
 from .config import integer_at_least, one_of, positive_number, raise_problems
 from .hooks import StepArguments, install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
@@ -24,7 +25,7 @@ from .transforms import chain, general_knowledge_gradients, prograd, regulate
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
-class TuningError(RuntimeError):
+class TuningError(GramPluginError, RuntimeError):
     """Tuning or evaluation produced a non-finite loss, prompt or prediction (nothing is a result)."""
 
 

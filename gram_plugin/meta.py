@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .errors import GramPluginError
 from .config import integer_at_least, one_of, positive_number, raise_problems
 from .metabatch import BatchedMetaStep
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
@@ -43,7 +44,7 @@ PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.safetensors"  # the one before, kept
 CHECKPOINT_KIND = "meta-checkpoint"
 
 
-class MetaTrainingError(RuntimeError):
+class MetaTrainingError(GramPluginError, RuntimeError):
     """Meta-training cannot go on (non-finite gradients with on_nonfinite='raise', bad run folder, ...)."""
 
 

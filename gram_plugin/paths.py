@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import GramPluginError
 
-class UnsafePathError(ValueError):
+
+class UnsafePathError(GramPluginError, ValueError):
     """A path from a config would write outside the run folder."""
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import GramPluginError
 from .safeio import load_tensors
 
 TEMPLATES = (
@@ -45,7 +46,7 @@ STD = (0.229, 0.224, 0.225)
 TEXT_LENGTH = 32  # longest token sequence (longer prompts are truncated)
 
 
-class ProxyError(ValueError):
+class ProxyError(GramPluginError, ValueError):
     """Bad input to the proxy backbone or its build."""
 
 

@@ -23,6 +23,8 @@ from typing import Iterator, Mapping
 
 import torch
 
+from .errors import GramPluginError
+
 META_KEY = "gram_plugin"
 CHECKSUM_KEY = "gram_plugin.sha256"
 
@@ -36,7 +38,7 @@ KINDS = {
 }
 
 
-class ArtefactError(ValueError):
+class ArtefactError(GramPluginError, ValueError):
     """A file gram-plugin reads is missing, damaged, of another kind, or does not fit."""
 
 

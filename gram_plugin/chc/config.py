@@ -6,11 +6,12 @@ import sys
 from dataclasses import dataclass
 
 from ..config import integer_at_least, one_of, raise_problems
+from ..errors import GramPluginError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
-class CHCError(ValueError):
+class CHCError(GramPluginError, ValueError):
     """The clustering cannot go on with these inputs / settings (the message says which knob to turn)."""
 
 
