@@ -59,7 +59,7 @@ class MetaConfig:
     meta_batch_size: int = 4  # tasks per outer step
     steps: int = 200  # outer steps
     first_order: bool = False  # FOMAML: no second-order terms (the regulator still learns)
-    clip_gamma: float | None = None  # meta-gradient clipping threshold (paper: 5.0); None = off
+    clip_gamma: float | None = 5.0  # meta-gradient clipping threshold (the MAML+clipping paper's); None = off
     seed: int = 0
     on_nonfinite: str = "raise"  # "raise": stop with the step number; "skip": drop the step and count it
     checkpoint_every: int = 10  # outer steps between checkpoints when run_dir is set (0 = only at the end)

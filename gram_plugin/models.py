@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import integer_at_least, one_of, raise_problems
+from .config import ConfigError, integer_at_least, one_of, raise_problems
 from .pixel_prompt import LAYOUTS, PixelPrompt
 from .prompts import mark_prompts
 
@@ -60,12 +60,12 @@ class PromptConfig:
         raise_problems("PromptConfig", problems)
 
     def check_backbone(self, backbone) -> None:
-        """Errors that need the backbone: a text prompt longer than its text tower takes."""
+        """Errors that need the backbone: a text prompt longer than its text tower takes (``ConfigError``)."""
         limit = getattr(backbone, "context_length", None)
         if self.mode != "vpt" and limit is not None and self.n_ctx + 4 > limit:
-            raise ValueError(
+            raise ConfigError("PromptConfig", [
                 f"n_ctx={self.n_ctx} is too long for {backbone.name}: a prompt needs n_ctx + 4 tokens "
-                f"(start, class name, '.', end) and its text tower takes {limit}, so n_ctx <= {limit - 4}")
+                f"(start, class name, '.', end) and its text tower takes {limit}, so n_ctx <= {limit - 4}"])
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

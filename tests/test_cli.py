@@ -28,7 +28,8 @@ def test_demo_writes_metrics_and_plot(tmp_path, capsys):
 
 def test_meta_train_tune_eval_inspect_with_yaml(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("backbone: tiny\nepochs: 2\nmeta_steps: 2\ninner_steps: 1\nquiet: true\nthreads: 1\nshots: 8\n")
+    cfg.write_text("backbone: tiny\nepochs: 2\nmeta_steps: 2\ninner_steps: 1\nquiet: true\nthreads: 1\nshots: 8\n"
+                   "n_way: 3\nk_support: 2\nk_query: 4\n")
     assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "m")]) == 0
     init = tmp_path / "m" / "init.safetensors"
     assert main(["tune", "--config", str(cfg), "--out", str(tmp_path / "t"), "--init", str(init), "--prograd", "1"]) == 0
@@ -57,29 +58,63 @@ def test_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_every_default_comes_from_the_config_dataclasses():
+def test_every_default_comes_from_the_config_dataclasses(tmp_path):
     import dataclasses
 
-    from gram_plugin.cli import DEMO_SETTINGS, DataConfig, build_parser
+    from gram_plugin.cli import DEMO_SETTINGS, DataConfig, TaskConfig, build_parser, plan
+    from gram_plugin.cli.options import STANDALONE_ONLY
     from gram_plugin.finetune import TuneConfig
     from gram_plugin.meta import MetaConfig
     from gram_plugin.models import PromptConfig
 
-    sub = build_parser()._subparsers._group_actions[0].choices
+    parser = build_parser()
     option = {"steps": "meta_steps", "prograd_lambda": "prograd"}
-    for command, classes in (("meta-train", (MetaConfig, DataConfig)), ("tune", (TuneConfig, DataConfig)),
+    for command, classes in (("meta-train", (MetaConfig, DataConfig, TaskConfig)), ("tune", (TuneConfig, DataConfig)),
                              ("eval", (DataConfig,))):
-        defaults = {a.dest: a.default for a in sub[command]._actions}
+        defaults = {a.dest: a.default for a in parser.commands[command]._actions}
         checked = 0
         for cls in classes:
             for f in dataclasses.fields(cls):
                 name = option.get(f.name, f.name)
-                if name in defaults:
+                if name in STANDALONE_ONLY:  # None: not given; plan fills in the dataclass's default
+                    assert defaults[name] is None, (command, name)
+                elif name in defaults:
                     assert defaults[name] == f.default, (command, f.name)
                     checked += 1
-        assert checked == {"meta-train": 18, "tune": 10, "eval": 4}[command], (command, checked)
+        assert checked == {"meta-train": 16, "tune": 7, "eval": 0}[command], (command, checked)
         # the prompt settings default to None: an init file may fix them, else PromptConfig's
-        assert all(defaults[k] is None for k in ("mode", "n_ctx", "n_vpt", "vpt_deep"))
-        assert defaults["ctx_init"] == PromptConfig.ctx_init
-    demo = {a.dest: a.default for a in sub["demo"]._actions}
+        assert all(defaults[k] is None for k in ("mode", "n_ctx", "n_vpt", "vpt_deep", "ctx_init"))
+        args = parser.parse_args([command, "--out", str(tmp_path / command)])
+        p = plan(args)
+        assert p.data == DataConfig(**({} if command != "eval" else {}))
+        assert p.prompt == PromptConfig() and args.backbone == "proxy"
+        if command == "meta-train":
+            assert p.tasks == TaskConfig() and p.meta == MetaConfig()
+    demo = {a.dest: a.default for a in parser.commands["demo"]._actions}
     assert {k: demo[k] for k in DEMO_SETTINGS} == DEMO_SETTINGS
+
+
+def test_a_bug_keeps_its_traceback_an_error_of_gram_plugin_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import gram_plugin.cli.meta_train as command
+    from gram_plugin.data import DataError
+
+    def shape_bug(*args, **kwargs):
+        return torch.ones(2, 3) @ torch.ones(2, 3)  # a real torch RuntimeError, as a bug would raise
+
+    monkeypatch.setattr(command, "meta_train", shape_bug)
+    argv = ["meta-train", "--quiet", "--threads", "1", "--backbone", "tiny", *META]
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        main([*argv, "--out", str(tmp_path / "bug")])
+
+    def bad_input(*args, **kwargs):
+        raise DataError("class 'pizza' has 1 image")
+
+    monkeypatch.setattr(command, "meta_train", bad_input)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "one-line")]) == 2
+    err = capsys.readouterr().err
+    assert err == "gram-plugin: error: class 'pizza' has 1 image\n"
+    with pytest.raises(DataError):  # --debug: the traceback of the same error
+        main([*argv, "--out", str(tmp_path / "debug"), "--debug"])

@@ -75,19 +75,21 @@ def readme_walkthrough() -> tuple[str, str]:
 
 
 # the command's options for a small run (appended: argparse keeps the last value of an option)
-SMALL_META = ["--shots", "2", "--n-way", "4", "--k-support", "1", "--k-query", "1", "--steps", "2",
-              "--meta-batch", "2", "--checkpoint-every", "1", "--no-progress"]
+SMALL_META = ["--shots", "2", "--n-way", "4", "--k-support", "1", "--k-query", "1", "--meta-steps", "2",
+              "--meta-batch-size", "2", "--checkpoint-every", "1", "--quiet"]
 
 
 def meta_train_command(argv, out, data_root, opts=()):
-    """Run ``gram-plugin ...`` in this process (the upstream fixture's patches apply) from the fork's root."""
+    """Run ``gram-plugin ...`` in this process (the upstream fixture's patches apply) from the fork's root,
+    into the run folder ``out``; returns the init it wrote there."""
     assert argv[0] == "gram-plugin", argv
     options = [*argv[1:], "--out", str(out), *SMALL_META]
     trailing = [*SMALL_RUN, "OUTPUT_DIR", str(Path(out).parent / "meta_output"), *opts]
     options = [str(data_root) if a == "$DATA" else a for a in options]
     rc = gram_plugin_cli([*options, *trailing])
     assert rc == 0, f"gram-plugin {' '.join(options)} exited {rc}"
-    return PromptInit.load(out)
+    assert (Path(out) / "config.yaml").is_file() and (Path(out) / "meta" / "checkpoint.safetensors").is_file()
+    return PromptInit.load(Path(out) / "init.safetensors")
 
 
 def test_readme_walkthrough_on_real_coop(coop, data_root, tmp_path, monkeypatch):
@@ -99,9 +101,11 @@ def test_readme_walkthrough_on_real_coop(coop, data_root, tmp_path, monkeypatch)
     command, code = readme_walkthrough()
     assert "build_trainer(cfg)" in code and "trainer.train()" in code
     argv = shlex.split(command.replace("\\\n", " "))
-    assert "--dassl-config" in argv and "gram_init.safetensors" in argv, command
+    assert "--dassl-config" in argv and "--out" in argv, command
+    run = argv[argv.index("--out") + 1]
+    assert f'init="{run}/init.safetensors"' in code, "the README's python block loads the init its command writes"
     monkeypatch.chdir(coop.root)  # the command runs from the fork's root (its train.py, configs/)
-    init = meta_train_command(argv, tmp_path / "gram_init.safetensors", data_root)
+    init = meta_train_command(argv, tmp_path / run, data_root)
     assert list(init.tensors) == ["prompt_learner.ctx"] and init.regulator_state
 
     cfg = story_cfg(coop, data_root, tmp_path / "out")
@@ -183,14 +187,14 @@ def test_meta_train_command_through_real_promptsrc_then_wrap(data_16_classes, tm
         monkeypatch.chdir(up.root)
         argv = ["gram-plugin", "meta-train", "--dassl-config", f"configs/trainers/PromptSRC/{CONFIGS['PromptSRC'][0]}",
                 "--dataset-config", "configs/datasets/caltech101.yaml", "--trainer", "PromptSRC", "--root", "$DATA",
-                "--out", "gram_init.safetensors"]
-        init = meta_train_command(argv, tmp_path / "gram_init.safetensors", data_16_classes, DEPTHS["PromptSRC"])
+                "--out", "gram_run"]
+        init = meta_train_command(argv, tmp_path / "gram_run", data_16_classes, DEPTHS["PromptSRC"])
 
         tuned = build_trainer(story_cfg(up, data_16_classes, tmp_path / "tune", opts=["DATASET.NUM_SHOTS", "2"]))
         params = adapter_for(tuned).prompt_parameters()
         assert list(init.tensors) == list(params) and init.regulator_state
         assert not any("ZS_image_encoder" in n for n in init.tensors)
-        handle = wrap(tuned, init=tmp_path / "gram_init.safetensors", regulator=True)
+        handle = wrap(tuned, init=tmp_path / "gram_run" / "init.safetensors", regulator=True)
         assert sorted(handle.init_names) == sorted(params)
         for n, p in params.items():
             assert torch.equal(p.detach(), init.tensors[n].to(p.dtype)), n

@@ -1,25 +1,29 @@
 """``gram-plugin meta-train --dassl-config``: meta-train an init through the user's own Dassl trainer.
 
-The first tests need no Dassl (the errors a user meets before anything runs). The integration
-tests run the command on the real KaiyangZhou/CoOp fork (``GRAM_COOP_ROOT``, ``dassl`` importable),
-with CoOp's ``load_clip_to_cpu`` replaced by a tiny random CLIP built with CoOp's own
+The first tests need no Dassl: the errors a user meets before anything runs, all found before the
+fork, Dassl or any model is loaded (a fake fork whose ``train.py`` leaves a mark when it runs). The
+integration tests run the command on the real KaiyangZhou/CoOp fork (``GRAM_COOP_ROOT``, ``dassl``
+importable), with CoOp's ``load_clip_to_cpu`` replaced by a tiny random CLIP built with CoOp's own
 ``clip.model.CLIP`` (no pretrained weights offline), on the shared Caltech101.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gram_plugin.cli import main
+from gram_plugin.cli.options import RENAMED
 
 COOP_ROOT = os.environ.get("GRAM_COOP_ROOT")
-SMALL = ["--steps", "4", "--meta-batch", "2", "--inner-steps", "1", "--n-way", "3", "--k-support", "1", "--k-query", "2",
-         "--shots", "4", "--no-progress", "--threads", "1"]
+SMALL = ["--meta-steps", "4", "--meta-batch-size", "2", "--inner-steps", "1", "--n-way", "3", "--k-support", "1",
+         "--k-query", "2", "--shots", "4", "--quiet", "--threads", "1"]
 TINY_OPTS = ["INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0"]
 
 
@@ -29,26 +33,90 @@ def command(fork, root, out, *extra, trainer="CoOp", config="vit_b16_ctxv1.yaml"
             "--fork", str(fork), "--root", str(root), "--out", str(out), *SMALL, *extra, *TINY_OPTS]
 
 
-def test_missing_dassl_names_the_extra(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def fake_fork(tmp_path):
+    """A fork's files (train.py, the two yaml files) whose train.py leaves ``ran`` behind when it is imported."""
+    fork = tmp_path / "fork"
+    (fork / "configs/trainers/CoOp").mkdir(parents=True)
+    (fork / "configs/datasets").mkdir(parents=True)
+    (fork / "configs/trainers/CoOp/vit_b16_ctxv1.yaml").write_text("TRAINER:\n  COOP:\n    N_CTX: 4\n")
+    (fork / "configs/datasets/caltech101.yaml").write_text("DATASET:\n  NAME: Caltech101\n")
+    (fork / "train.py").write_text("from pathlib import Path\nPath(__file__).with_name('ran').touch()\n")
+    return fork
+
+
+def test_meta_steps_0_fails_in_under_2_s_before_the_fork_or_any_model_is_loaded(fake_fork, tmp_path, capsys, monkeypatch):
+    import gram_plugin.cli.dassl as dassl_path
+
+    loaded = []
+    monkeypatch.setattr(dassl_path, "load_fork", lambda fork: loaded.append(fork))
+    argv = command(fake_fork, tmp_path, tmp_path / "run", "--meta-steps", "0")
+    start = time.perf_counter()
+    assert main(argv) == 2
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert "--meta-steps must be an integer >= 1, got 0" in err
+    assert seconds < 2, seconds
+    assert not loaded and not (fake_fork / "ran").exists() and not (tmp_path / "run").exists()
+
+
+def test_missing_dassl_names_the_extra(fake_fork, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dassl", None)  # as if Dassl were not installed
-    assert main(command(tmp_path, tmp_path, tmp_path / "init.safetensors")) == 2
+    assert main(command(fake_fork, tmp_path, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "needs Dassl.pytorch (dassl is not installed)" in err and 'gram-plugin[dassl]' in err
-    assert err.count("\n") == 1  # one line, no traceback
+    assert "Traceback" not in err and not (fake_fork / "ran").exists()
 
 
-def test_existing_out_is_refused_before_anything_runs(tmp_path, capsys):
-    out = tmp_path / "init.safetensors"
-    out.write_bytes(b"keep me")
-    assert main(command(tmp_path, tmp_path, out)) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert out.read_bytes() == b"keep me"
+def test_every_problem_is_listed_before_anything_runs(fake_fork, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "init.safetensors").write_bytes(b"keep me")
+    argv = command(fake_fork, tmp_path / "no-data", out, "--k-support", "0", "--backbone", "tiny")
+    argv[argv.index("--dataset-config") + 1] = str(tmp_path / "missing.yaml")
+    assert main(argv + ["OPTIM.MAX_EPOCH"]) == 2
+    err = capsys.readouterr().err
+    for problem in ("--dataset-config", "missing.yaml does not exist", "--root", "--k-support must be an integer >= 1",
+                    "--backbone belongs to the standalone model", "KEY VALUE pairs", "is not empty"):
+        assert problem in err, problem
+    assert (out / "init.safetensors").read_bytes() == b"keep me" and not (fake_fork / "ran").exists()
 
 
-def test_fork_without_train_py(tmp_path, capsys):
-    pytest.importorskip("dassl", reason="Dassl.pytorch is not installed")
-    assert main(command(tmp_path, tmp_path, tmp_path / "init.safetensors")) == 2
+def test_fork_without_train_py(fake_fork, tmp_path, capsys):
+    (fake_fork / "train.py").unlink()
+    assert main(command(fake_fork, tmp_path, tmp_path / "run")) == 2
     assert "no train.py there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_an_earlier_flag_fails_naming_its_successor(fake_fork, tmp_path, capsys, old):
+    assert main(command(fake_fork, tmp_path, tmp_path / "run", old)) == 2
+    new = {"--steps": "--meta-steps", "--meta-batch": "--meta-batch-size", "--run-dir": "OUT/meta",
+           "--no-progress": "--quiet", "--no-regulator": "--method maml", "--regulator": "--method gram"}[old]
+    assert new in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_out_names_a_run_folder_not_the_init_file(fake_fork, tmp_path, capsys):
+    assert main(command(fake_fork, tmp_path, tmp_path / "init.safetensors")) == 2
+    assert "--out names a run folder now; the init is written to OUT/init.safetensors" in capsys.readouterr().err
+
+
+def test_dassl_flags_are_refused_without_dassl_config(tmp_path, capsys):
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--trainer", "CoOp", "--no-image-cache",
+                 "OPTIM.MAX_EPOCH", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--trainer needs --dassl-config" in err and "--no-image-cache needs --dassl-config" in err
+    assert "trailing KEY VALUE config options need --dassl-config" in err
+
+
+def test_help_shows_one_set_of_flags_for_both_paths(capsys):
+    with pytest.raises(SystemExit):
+        main(["meta-train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--dassl-config", "--backbone", "--meta-steps", "--meta-batch-size", "--n-way", "--shots", "--method",
+                 "--clip-gamma", "--checkpoint-every", "--quiet", "--resume"):
+        assert flag in text, flag
+    assert "--steps " not in text and "--run-dir" not in text and "--no-progress" not in text
 
 
 # -- on the real CoOp fork ------------------------------------------------------------------------------
@@ -89,8 +157,9 @@ def test_meta_train_through_coop_then_wrap_and_train(coop_fork, data_root, tmp_p
     from gram_plugin.adapters import add_gram_cfg, wrap
     from gram_plugin.adapters.compat import patch_dassl
 
-    out = tmp_path / "inits" / "coop.safetensors"
-    assert main(command(coop_fork, data_root, out, "--checkpoint-every", "2")) == 0
+    run = tmp_path / "runs" / "coop"
+    assert main(command(coop_fork, data_root, run, "--checkpoint-every", "2")) == 0
+    out = run / "init.safetensors"
     printed = capsys.readouterr().out
     assert f'wrap(trainer, init="{out}", regulator=True)' in printed
     init = PromptInit.load(out)
@@ -98,7 +167,8 @@ def test_meta_train_through_coop_then_wrap_and_train(coop_fork, data_root, tmp_p
     assert init.metadata["method_name"] == "GRAM-CoOp" and init.metadata["meta_steps"] == 4
     assert init.metadata["source_tasks"] == {"kind": "n-way-k-shot", "dataset": "Caltech101", "n_way": 3, "k_support": 1, "k_query": 2}
     assert GradientRegulator.from_init(init) is not None
-    assert (out.with_suffix(".run") / "checkpoint.safetensors").exists()
+    assert (run / "meta" / "checkpoint.safetensors").exists() and (run / "config.yaml").exists()
+    assert json.loads((run / "metrics.json").read_text())["meta_steps"] == 4
 
     # the three lines, on a trainer built as the fork's train.py builds it (fp16, GRAM from the cfg too)
     import importlib.util
@@ -131,15 +201,15 @@ def test_meta_train_through_coop_then_wrap_and_train(coop_fork, data_root, tmp_p
 def test_resumed_run_ends_where_an_uninterrupted_one_does(coop_fork, data_root, tmp_path):
     from gram_plugin import PromptInit
 
-    whole = tmp_path / "whole.safetensors"
-    assert main(command(coop_fork, data_root, whole, "--no-regulator")) == 0
-    part = tmp_path / "part.safetensors"
-    first = command(coop_fork, data_root, part, "--no-regulator", "--checkpoint-every", "1")
-    first[first.index("--steps") + 1] = "2"
+    whole = tmp_path / "whole"
+    assert main(command(coop_fork, data_root, whole, "--method", "maml")) == 0
+    part = tmp_path / "part"
+    first = command(coop_fork, data_root, part, "--method", "maml", "--checkpoint-every", "1")
+    first[first.index("--meta-steps") + 1] = "2"
     assert main(first) == 0
-    assert PromptInit.load(part).metadata["meta_steps"] == 2
-    assert main(command(coop_fork, data_root, part, "--no-regulator", "--resume", "--overwrite")) == 0
-    resumed, uninterrupted = PromptInit.load(part), PromptInit.load(whole)
+    assert PromptInit.load(part / "init.safetensors").metadata["meta_steps"] == 2
+    assert main(command(coop_fork, data_root, part, "--method", "maml", "--checkpoint-every", "1", "--resume")) == 0
+    resumed, uninterrupted = PromptInit.load(part / "init.safetensors"), PromptInit.load(whole / "init.safetensors")
     assert resumed.metadata["meta_steps"] == 4 and resumed.metadata["method_name"] == "MP-CoOp+clip"
     assert torch.equal(resumed.tensors["prompt_learner.ctx"], uninterrupted.tensors["prompt_learner.ctx"])
 
@@ -148,12 +218,12 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(coop_fork, data_root, 
 def test_per_dataset_tasks_maml_clip(coop_fork, data_root, tmp_path):
     from gram_plugin import GradientRegulator, PromptInit
 
-    out = tmp_path / "maml_clip.safetensors"
-    argv = command(coop_fork, data_root, out, "--tasks", "per-dataset", "--no-regulator")
-    argv[argv.index("--steps") + 1] = "1"
-    argv[argv.index("--meta-batch") + 1] = "1"
+    out = tmp_path / "maml_clip"
+    argv = command(coop_fork, data_root, out, "--tasks", "per-dataset", "--method", "maml")
+    argv[argv.index("--meta-steps") + 1] = "1"
+    argv[argv.index("--meta-batch-size") + 1] = "1"
     assert main(argv) == 0
-    init = PromptInit.load(out)
+    init = PromptInit.load(out / "init.safetensors")
     assert init.metadata["method_name"] == "MP-CoOp+clip" and GradientRegulator.from_init(init) is None
     assert init.metadata["source_tasks"] == {"kind": "per-dataset", "datasets": ["Caltech101"], "shots": 4, "k_support": 1}
 
@@ -161,7 +231,7 @@ def test_per_dataset_tasks_maml_clip(coop_fork, data_root, tmp_path):
 def test_images_decoded_once_equal_the_per_access_transform():
     from torchvision import transforms as T
 
-    from gram_plugin.adapters.meta_command import decoded_once_dataset
+    from gram_plugin.cli.dassl import decoded_once_dataset
     from gram_plugin.data import default_dataset
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import time
 
-from .pipeline import _command, _meta_curve, _table, build_model, meta_train, tune_and_eval
+from .options import DEMO_SETTINGS, add_general, add_meta, add_run_folder, add_shots, add_standalone, add_tasks, add_tuning
+from .pipeline import build_model, command, meta_curve, meta_train, table, tune_and_eval
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
+    add_run_folder(p)
+    add_general(p)
+    add_standalone(p.add_argument_group("the standalone model and data"))
+    add_shots(p)
+    add_tuning(p)
+    add_tasks(p)
+    add_meta(p)
+    p.set_defaults(func=cmd_demo, **DEMO_SETTINGS)
 
 
 def cmd_demo(args) -> int:
+    """Zero-shot, CoOp and CoOp+GRAM on base / new / H into one run folder (metrics.json, accuracy.png)."""
     t0 = time.perf_counter()
-    with _command(args) as (p, backbone, data, run):
+    with command(args) as (p, backbone, data, run):
         from ..finetune import evaluate_base_new
 
         # the handcrafted prompt ("a photo of a {class}."), untuned: what tuning should not lose on new classes
@@ -20,12 +34,12 @@ def cmd_demo(args) -> int:
         _, coop_hist, coop_final, _ = tune_and_eval(args, p, backbone, data, run, init=None, label="coop")
         init.save(run.path("init.safetensors"), overwrite=True)
         gram_prompt.save(run.path("prompt.safetensors"), overwrite=True)
-        table = _table({"zero-shot": zero_shot, "CoOp": coop_final, "CoOp+GRAM": gram_final})
-        print(table)
-        run.log("results (accuracy %, held-out images):\n" + table)
+        results = table({"zero-shot": zero_shot, "CoOp": coop_final, "CoOp+GRAM": gram_final})
+        print(results)
+        run.log("results (accuracy %, held-out images):\n" + results)
         metrics = {"final": {"zero-shot": zero_shot, "coop": coop_final, "coop+gram": gram_final},
                    "per_epoch": {"coop": coop_hist, "coop+gram": gram_hist},
-                   "meta_train": _meta_curve(meta_hist),
+                   "meta_train": meta_curve(meta_hist),
                    "backbone": backbone.name, "data": p.data.data, "seconds": time.perf_counter() - t0}
         run.write_metrics(metrics)
         run.plot({"CoOp base": [r["base"] for r in coop_hist], "CoOp new": [r["new"] for r in coop_hist],

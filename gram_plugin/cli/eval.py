@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
-from .pipeline import _command, _table, build_model
+from .options import add_general, add_run_folder, add_standalone
+from .pipeline import build_model, command, table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
+    add_run_folder(p)
+    add_general(p)
+    add_standalone(p.add_argument_group("the standalone model and data"))
+    p.add_argument("--prompt", default=None, help="prompt.safetensors (none = the initial prompt)")
+    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    """Accuracy of the prompt on base / new / all test images into metrics.json."""
     from ..finetune import evaluate_base_new
 
-    with _command(args) as (p, backbone, data, run):
+    with command(args) as (p, backbone, data, run):
         model = build_model(p, backbone, args.seed)
         if p.init is not None:
             p.init.apply_to(model, backbone=backbone.name, strict=True)
         final = evaluate_base_new(model, data["base_test"], data["new_test"], data["all_test"])
         run.write_metrics({"final": final})
-    print(_table({"eval": final}))
+    print(table({"eval": final}))
     return 0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 
 
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="print what an init / prompt file holds")
+    p.add_argument("path")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=cmd_inspect)
+
+
 def cmd_inspect(args) -> int:
+    """Print the file's description (method, shapes, metadata) as JSON."""
     from ..prompts import PromptInit
 
     init = PromptInit.load(args.path)

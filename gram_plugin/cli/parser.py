@@ -1,52 +1,30 @@
-"""The parser of every command, and ``--config file.yaml`` read into it."""
+"""The parser of every command (each command module adds its own), and ``--config file.yaml`` read into it."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .demo import cmd_demo
-from .eval import cmd_eval
-from .inspect import cmd_inspect
-from .meta_train import cmd_meta_train
-from .options import DEMO_SETTINGS, CLIError, _common, _default, _meta, _tuning
-from .tune import cmd_tune
-from ..finetune import TuneConfig
+from . import demo, eval, inspect, meta_train, tune
+from .options import RENAMED, CLIError
+
+COMMANDS = (demo, meta_train, tune, eval, inspect)  # chc and build-proxy keep their own parsers (see main)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gram-plugin", description="gram-plugin command line: meta-train | tune | eval | inspect | demo (+ chc, build-proxy).")
+    """``gram-plugin``'s parser; ``parser.commands`` maps each command's name to its sub-parser."""
+    parser = argparse.ArgumentParser(
+        prog="gram-plugin", description="gram-plugin command line: meta-train | tune | eval | inspect | demo "
+        "(+ chc, build-proxy). Every command writes into one run folder (--out).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
-    _common(p)
-    _tuning(p)
-    _meta(p)
-    p.set_defaults(func=cmd_demo, **DEMO_SETTINGS)
-    p = sub.add_parser("meta-train", help="meta-learn a prompt init (+ regulator) -> init.safetensors; with "
-                       "--dassl-config: through your own Dassl trainer (gram-plugin meta-train --dassl-config X -h)")
-    _common(p)
-    _meta(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.set_defaults(func=cmd_meta_train)
-    p = sub.add_parser("tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
-    _common(p)
-    _tuning(p)
-    p.add_argument("--init", default=None, help="init.safetensors from meta-train")
-    p.add_argument("--prograd", type=float, default=_default(TuneConfig, "prograd_lambda"),
-                   help="ProGrad lambda in [0, 1] (off unless given)")
-    p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
-    _common(p)
-    p.add_argument("--prompt", default=None, help="prompt.safetensors (none = the initial prompt)")
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("inspect", help="print what an init / prompt file holds")
-    p.add_argument("path")
-    p.set_defaults(func=cmd_inspect)
+    for module in COMMANDS:
+        module.add_parser(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 
-
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """``--config FILE``: a mapping of option: value (plain YAML, no tags); ``CLIError`` otherwise."""
     import yaml
 
     p = Path(path)
@@ -65,16 +43,24 @@ def _read_yaml(path: str) -> dict:
     return cfg
 
 
-def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The options of ``argv``, with ``--config FILE.yaml``'s values as defaults (flags given win).
+
+    Raises ``CLIError`` for an unreadable config, an unknown or renamed option in it, or an earlier flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     cfg_path = getattr(args, "config", None)
     if cfg_path:
-        cfg = _read_yaml(cfg_path)
-        subparsers = parser._subparsers._group_actions[0].choices
+        cfg = read_yaml(cfg_path)
+        subparsers = parser.commands
         # one yaml may serve the whole pipeline: options of other sub-commands are ignored, typos are not
         actions = {a.dest: a for sp in subparsers.values() for a in sp._actions}
         cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
-        unknown = [k for k in cfg if k not in actions]
+        renamed = [RENAMED[f"--{k.replace('_', '-')}"] for k in cfg
+                   if k not in actions and f"--{k.replace('_', '-')}" in RENAMED]
+        if renamed:
+            raise CLIError(f"config {cfg_path}: " + "; ".join(renamed))
+        unknown = [k for k in cfg if k not in actions or k.startswith("_")]
         if unknown:
             raise CLIError(f"config {cfg_path}: unknown options {unknown}")
         for k, v in cfg.items():  # "1e-3" is a string to YAML 1.1: convert as the flag would

@@ -8,13 +8,16 @@ import time
 from pathlib import Path
 
 from ..backbones import build_backbone
-from .plan import Plan, plan
 from .options import CLIError
+from .plan import Plan, plan
 from .run_folder import Run
 
 
 def load_data(args, plan: Plan, backbone) -> tuple[object, list[str]]:
-    """The dataset (listed, not yet encoded), checked for base-to-new use; (dataset, unreadable paths)."""
+    """The dataset of ``--data`` (listed, not yet encoded), checked for base-to-new use.
+
+    Returns (dataset, unreadable paths left out by ``--skip-unreadable``). Raises ``DataError`` for a
+    missing or malformed dataset, ``CLIError`` for one with fewer than 2 classes."""
     from ..data import load_dataset
 
     ds = load_dataset(plan.data.data, backbone.preprocess)
@@ -28,9 +31,10 @@ def load_data(args, plan: Plan, backbone) -> tuple[object, list[str]]:
 
 
 def prepare_data(args, plan: Plan, ds, backbone, run: Run, unreadable: list[str] = ()):
-    """Base/new train/test splits, with cached features when only text prompts are learned."""
+    """Base/new train/test splits (``{"base_train", "base_test", "new_train", "new_test", "all_test"}``), with
+    cached features when only text prompts are learned; ``base_train`` keeps at most ``--shots`` images a class."""
     from ..cache import FeatureCache
-    from ..data import few_shot, split_train_test, subsample_classes
+    from ..data import split_train_test, subsample_classes
 
     if unreadable:
         run.log(f"left out {len(unreadable)} unreadable images (--skip-unreadable): {unreadable[:5]}"
@@ -44,27 +48,51 @@ def prepare_data(args, plan: Plan, ds, backbone, run: Run, unreadable: list[str]
     for part in ("base", "new"):
         out[f"{part}_train"] = subsample_classes(train, part)
         out[f"{part}_test"] = subsample_classes(test, part)
-    if cfg.shots:
-        out["base_train"] = few_shot(out["base_train"], cfg.shots, args.seed)
+    out["base_train"] = at_most_shots(out["base_train"], cfg.shots, args.seed)
     run.log(f"data {ds.name}: {len(ds)} images, {len(ds.classnames)} classes; base train "
             f"{len(out['base_train'])}, base test {len(out['base_test'])}, new test {len(out['new_test'])}")
     return out
 
 
+def at_most_shots(dataset, shots: int, seed: int = 0):
+    """``shots`` images of each class drawn with ``seed``; a class with ``shots`` or fewer keeps all of them, as
+    Dassl's few-shot sampler does (``generate_fewshot_dataset`` without repeats); ``shots`` 0 keeps every image."""
+    from ..data import few_shot
+
+    by_class = dataset.indices_by_class().values()
+    larger = [i for idx in by_class if len(idx) > shots for i in idx]
+    if not shots or not larger:
+        return dataset
+    drawn = {id(item) for item in few_shot(dataset.subset(larger), shots, seed).items}  # subset shares the items
+    keep = [i for idx in by_class if len(idx) <= shots for i in idx] + [i for i in larger if id(dataset.items[i]) in drawn]
+    return dataset.subset(sorted(keep))
+
+
 def build_model(plan: Plan, backbone, seed: int = 0):
+    """The standalone model: a ``PromptedCLIP`` on ``backbone`` with the plan's prompt settings."""
     from ..models import PromptedCLIP
 
     return PromptedCLIP(backbone, seed=seed, **dataclasses.asdict(plan.prompt))
 
 
+def task_source(tasks, shots: int, base_train):
+    """The meta-training tasks of ``--tasks`` drawn from the base classes' training images (both paths).
+
+    Raises ``DataError`` when the images cannot fill a task (too few classes or images per class)."""
+    from ..data import NWayKShotTasks, PerDatasetTasks
+
+    if tasks.tasks == "per-dataset":
+        return PerDatasetTasks(base_train, shots=shots, k_support=tasks.k_support)
+    return NWayKShotTasks(base_train, tasks.n_way, tasks.k_support, tasks.k_query)
+
+
 def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram", run_dir=None, resume=False):
-    from ..data import NWayKShotTasks
+    """Meta-train the standalone model on tasks from ``data["base_train"]``; returns (PromptInit, history)."""
     from ..meta import MetaPromptTrainer
     from ..regulator import GradientRegulator
 
     model = build_model(plan, backbone, args.seed)
-    d = plan.data
-    source = NWayKShotTasks(data["base_train"], d.n_way, d.k_support, d.k_query)
+    source = task_source(plan.tasks, plan.data.shots, data["base_train"])
     regulator = GradientRegulator.for_module(model) if method == "gram" else None
     trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=regulator, config=plan.meta,
                                 metadata=model.config(), run_dir=run_dir)
@@ -78,6 +106,7 @@ def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram",
 
 
 def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: str = "coop"):
+    """Tune a fresh model on ``base_train`` (from ``init`` if given); returns (model, history, final, prompt)."""
     from ..finetune import evaluate_base_new, tune
     from ..prompts import PromptInit
 
@@ -91,7 +120,7 @@ def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: 
     return model, hist, final, prompt
 
 
-def _check_init_fits(plan: Plan, backbone, seed: int) -> None:
+def check_init_fits(plan: Plan, backbone, seed: int) -> None:
     """Names, shapes and backbone of the init against the model it will go into, before data is read."""
     if plan.init is None:
         return
@@ -102,7 +131,7 @@ def _check_init_fits(plan: Plan, backbone, seed: int) -> None:
         raise PromptInitError("init does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
-def _start(args):
+def start(args):
     """Check everything, build the backbone, list the data; the run folder is not touched yet."""
     import torch
 
@@ -112,25 +141,27 @@ def _start(args):
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.backbone)
     p.prompt.check_backbone(backbone)
-    _check_init_fits(p, backbone, args.seed)
+    check_init_fits(p, backbone, args.seed)
     ds, unreadable = load_data(args, p, backbone)
     return p, backbone, ds, unreadable
 
 
 @contextlib.contextmanager
-def _command(args):
+def command(args):
     """Check everything, then lock and open the run folder and prepare the data: (plan, backbone, data, run)."""
-    p, backbone, ds, unreadable = _start(args)
-    with _open_run(args) as run:
+    p, backbone, ds, unreadable = start(args)
+    with open_run(args) as run:
         yield p, backbone, prepare_data(args, p, ds, backbone, run, unreadable), run
 
 
-def _open_run(args) -> Run:
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
+def open_run(args) -> Run:
+    """Lock and open ``--out`` (every input already checked); its ``config.yaml`` records the options."""
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "config") and not k.startswith("_")}
     return Run(args.out, config, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
 
 
-def _table(rows: dict[str, dict]) -> str:
+def table(rows: dict[str, dict]) -> str:
+    """Accuracy (%) rows on base / new / H / all as a text table."""
     head = f"{'method':<14}{'base':>8}{'new':>8}{'H':>8}{'all':>8}"
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
@@ -138,6 +169,7 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _meta_curve(history: list[dict]) -> list[dict]:
+def meta_curve(history: list[dict]) -> list[dict]:
+    """Meta-training's loss per step for metrics.json."""
     # a skipped (non-finite) step has no loss: null in metrics.json, which never holds NaN
     return [{"step": r["step"], "meta_loss": None if r["skipped"] else r["meta_loss"]} for r in history]

@@ -6,31 +6,38 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import ConfigError, integer_at_least
+from ..errors import GramPluginError
 from ..finetune import TuneConfig
 from ..meta import MetaConfig
 from ..models import PromptConfig
-from .options import _PROMPT_FIELDS, CLIError, DataConfig, _as_flags, _flag
-from .run_folder import _folder_problems
+from .options import (
+    _PROMPT_FIELDS, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig, TaskConfig,
+    as_flags, default, flag,
+)
+from .run_folder import folder_problems
 
 
-def _backbone_problems(spec) -> list[str]:
+@dataclass
+class Plan:
+    """Everything a command needs, checked before any data or model is loaded or anything is written."""
+
+    data: DataConfig
+    prompt: PromptConfig | None = None  # the standalone model (None in the Dassl path)
+    tasks: TaskConfig | None = None  # meta-train, demo
+    tune: TuneConfig | None = None  # tune, demo
+    meta: MetaConfig | None = None  # meta-train, demo
+    dassl: DasslConfig | None = None  # meta-train --dassl-config
+    init: object = None  # PromptInit read from --init / --prompt
+
+
+def backbone_problems(spec) -> list[str]:
+    """What is wrong with a ``--backbone`` spec that can be told without loading it."""
     if not isinstance(spec, str) or not spec:
         return [f"--backbone must be proxy[:DIR], tiny[:SEED] or MODEL:PRETRAINED, got {spec!r}"]
     kind, _, rest = spec.partition(":")
     if kind == "tiny" and rest and not rest.lstrip("-").isdigit():
         return [f"--backbone tiny:SEED needs a whole-number seed, got {rest!r}"]
     return []
-
-
-@dataclass
-class Plan:
-    """Everything a command needs, checked before any data is loaded or anything is written."""
-
-    prompt: PromptConfig
-    data: DataConfig
-    tune: TuneConfig | None = None
-    meta: MetaConfig | None = None
-    init: object = None  # PromptInit read from --init / --prompt
 
 
 def _fields(cls, args, **renamed) -> dict:
@@ -43,54 +50,102 @@ def _fields(cls, args, **renamed) -> dict:
     return out
 
 
-def plan(args) -> Plan:
-    """Check every option, the run folder and the init file; one ``CLIError`` lists all problems."""
-    problems: list[str] = []
-    init = None
-    init_path = getattr(args, "init", None) or getattr(args, "prompt", None)
-    if init_path:
-        from ..prompts import PromptInit
+def _given(args, key) -> bool:
+    return getattr(args, key, None) not in (None, [])
 
-        try:
-            init = PromptInit.load(init_path)
-        except ValueError as e:
-            problems.append(str(e))
-        else:
-            bad = init.nonfinite_names()
-            if bad:
-                problems.append(f"{init_path} holds non-finite values (NaN or Inf) in {bad}: it is unusable")
-            meta = init.metadata
-            for key in _PROMPT_FIELDS:
-                given = getattr(args, key, None)
-                if key in meta and given is not None and given != meta[key]:
-                    problems.append(f"{_flag(key)} {given!r} differs from the {key} {meta[key]!r} that {init_path} "
-                                    f"was learned with; drop {_flag(key)} or use a matching file")
-                elif key in meta:
-                    setattr(args, key, meta[key])
-    conflicting = bool(problems)
-    for key in _PROMPT_FIELDS:  # not given and not fixed by an init: the PromptConfig default
-        if getattr(args, key, None) is None:
-            setattr(args, key, getattr(PromptConfig, key))
-    problems += _backbone_problems(args.backbone)
-    problems += _as_flags(integer_at_least("threads", args.threads, 0))
-    # an init file replaces the context, so the phrase it would start from does not apply
-    ctx_init = None if init is not None or args.ctx_init in (None, "", "random") else args.ctx_init
-    factories = {"data": lambda: DataConfig(**_fields(DataConfig, args))}
-    if not conflicting:  # with a conflict the prompt settings are a mix of the file's and the flags'
-        factories["prompt"] = lambda: PromptConfig(**{**_fields(PromptConfig, args), "ctx_init": ctx_init})
+
+def _path_problems(args) -> list[str]:
+    """The flags of the other path (standalone vs ``--dassl-config``); fills the standalone defaults."""
+    if _given(args, "dassl_config"):
+        return [f"{flag(k)} belongs to the standalone model; with --dassl-config the model and the data are your "
+                "trainer's (set them in its config files or as trailing KEY VALUE options)"
+                for k in STANDALONE_ONLY if _given(args, k)]
+    problems = [f"{flag(k) if k != 'opts' else 'trailing KEY VALUE config options'} "
+                f"{'need' if k == 'opts' else 'needs'} --dassl-config (meta-training through your Dassl trainer)"
+                for k in DASSL_ONLY if _given(args, k)]
+    fill = {"backbone": DEFAULT_BACKBONE, "ctx_init": PromptConfig.ctx_init, "no_cache": False,
+            **{k: default(DataConfig, k) for k in ("data", "test_fraction", "skip_unreadable")}}
+    for key, value in fill.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+    return problems
+
+
+def _init_problems(args) -> tuple[object, list[str]]:
+    """The init / prompt file given, read and checked against the prompt flags it fixes."""
+    init_path = getattr(args, "init", None) or getattr(args, "prompt", None)
+    if not init_path:
+        return None, []
+    from ..prompts import PromptInit
+
+    try:
+        init = PromptInit.load(init_path)
+    except (GramPluginError, OSError) as e:
+        return None, [str(e)]
+    problems = []
+    bad = init.nonfinite_names()
+    if bad:
+        problems.append(f"{init_path} holds non-finite values (NaN or Inf) in {bad}: it is unusable")
+    meta = init.metadata
+    for key in _PROMPT_FIELDS:
+        given = getattr(args, key, None)
+        if key in meta and given is not None and given != meta[key]:
+            problems.append(f"{flag(key)} {given!r} differs from the {key} {meta[key]!r} that {init_path} "
+                            f"was learned with; drop {flag(key)} or use a matching file")
+        elif key in meta:
+            setattr(args, key, meta[key])
+    return init, problems
+
+
+def plan(args) -> Plan:
+    """Check every option, the run folder and the init file; one ``CLIError`` lists all problems.
+
+    Nothing is loaded (no backbone, data, fork or trainer) and nothing written. Raises:
+        CLIError: every problem found, one per line, in the flags' words.
+    """
+    dassl = _given(args, "dassl_config")
+    problems = _path_problems(args)
+    if getattr(args, "command", None) == "meta-train" and str(args.out).endswith(".safetensors"):
+        problems.append("--out names a run folder now; the init is written to OUT/init.safetensors")
+    init, init_problems = _init_problems(args)
+    problems += init_problems
+    problems += as_flags(integer_at_least("threads", args.threads, 0))
+    if dassl:  # the trainer's config chooses the data; only --shots applies (DATASET.NUM_SHOTS)
+        factories = {"data": lambda: DataConfig(shots=args.shots)}
+    else:
+        factories = {"data": lambda: DataConfig(**_fields(DataConfig, args))}
+    if not dassl:
+        problems += backbone_problems(args.backbone)
+        for key in _PROMPT_FIELDS:  # not given and not fixed by an init: the PromptConfig default
+            if getattr(args, key, None) is None:
+                setattr(args, key, getattr(PromptConfig, key))
+        # an init file replaces the context, so the phrase it would start from does not apply
+        ctx_init = None if init is not None or args.ctx_init in (None, "", "random") else args.ctx_init
+        if not init_problems:  # with a conflict the prompt settings are a mix of the file's and the flags'
+            factories["prompt"] = lambda: PromptConfig(**{**_fields(PromptConfig, args), "ctx_init": ctx_init})
+    else:
+        from .dassl import dependency_problems
+
+        problems += dependency_problems()
+        factories["dassl"] = lambda: DasslConfig(
+            **{**_fields(DasslConfig, args), "fork": args.fork or default(DasslConfig, "fork"),
+               "image_cache": not args.no_image_cache, "opts": list(args.opts or [])})
     if hasattr(args, "epochs"):
         factories["tune"] = lambda: TuneConfig(**{**_fields(TuneConfig, args, prograd_lambda="prograd"),
                                                   "use_regulator": not args.no_regulator})
     if hasattr(args, "meta_steps"):
-        factories["meta"] = lambda: MetaConfig(**_fields(MetaConfig, args, steps="meta_steps"),
-                                               progress=not args.quiet)
+        factories["tasks"] = lambda: TaskConfig(**_fields(TaskConfig, args))
+        factories["meta"] = lambda: MetaConfig(**{**_fields(MetaConfig, args, steps="meta_steps"),
+                                                  "clip_gamma": args.clip_gamma or None}, progress=not args.quiet)
     built = {}
     for key, make in factories.items():
         try:
             built[key] = make()
         except ConfigError as e:
-            problems += _as_flags(e.problems)
-    problems += _folder_problems(args)
+            problems += as_flags(e.problems)
+    if "tasks" in built and "data" in built:
+        problems += built["tasks"].pool_problems(built["data"].shots)
+    problems += folder_problems(args)
     if problems:
         raise CLIError("invalid input:\n  - " + "\n  - ".join(problems))
     return Plan(init=init, **built)

@@ -1,4 +1,9 @@
-"""The run folder of a command (``--out``): checks before anything is written, then a locked ``Run``."""
+"""The run folder of a command (``--out``): :func:`folder_problems` before anything is written, then a locked :class:`Run`.
+
+Every command writes into one run folder: ``config.yaml`` (the options), ``log.txt``, ``metrics.json``,
+its artefacts (``init.safetensors``, ``prompt.safetensors``, ``accuracy.png``) and, for meta-train, the
+checkpoints in ``meta/`` that ``--resume`` continues from.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from ..safeio import atomic_write_text, locked_dir
 from .options import CLIError
 
 RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "init.safetensors", "prompt.safetensors", "accuracy.png", "meta")
-_NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out"}
+_NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out", "debug", "no_image_cache"}
 
 
 class Run:
@@ -45,8 +50,8 @@ class Run:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-        elif not resume and _run_contents(self.dir):  # checked again under the lock
-            raise CLIError(_not_empty(self.dir))
+        elif not resume and run_contents(self.dir):  # checked again under the lock
+            raise CLIError(not_empty(self.dir))
         saved = self.dir / "config.yaml"
         if resume and saved.exists():
             before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
@@ -59,19 +64,23 @@ class Run:
         atomic_write_text(saved, yaml.safe_dump(self.config, sort_keys=True))
 
     def path(self, relative: str) -> Path:
+        """A path inside the run folder (refused if ``relative`` would leave it)."""
         return inside_run_dir(self.dir, relative)
 
     def log(self, msg: str) -> None:
+        """Print ``msg`` with the time and append it to ``log.txt``."""
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
         self._log.write(line + "\n")
         self._log.flush()
 
     def write_metrics(self, metrics: dict) -> Path:
+        """Write ``metrics.json`` atomically; a NaN in it is refused (``ValueError``: a bug)."""
         # allow_nan=False: a NaN reaching a result is a bug, never a number in metrics.json
         return atomic_write_text(self.path("metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
 
     def plot(self, curves: dict[str, list[float]], name: str = "accuracy.png", title: str = "") -> Path:
+        """Accuracy curves per epoch into ``name`` (needs matplotlib: the 'clip' extra)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -104,17 +113,19 @@ class Run:
         self.close()
 
 
-def _run_contents(folder: Path) -> list[str]:
+def run_contents(folder: Path) -> list[str]:
+    """The names in a run folder, its lock file left out (empty for a folder that does not exist)."""
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
-def _not_empty(folder: Path) -> str:
-    held = _run_contents(folder)
+def not_empty(folder: Path) -> str:
+    """The message refusing a run folder that already holds a run."""
+    held = run_contents(folder)
     return (f"run folder {folder} is not empty (holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
             "pass --resume to continue the run there, --overwrite to replace it, or choose another --out")
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """A real probe (permissions, read-only file systems, root included); the probe file deletes itself."""
     import tempfile
 
@@ -125,30 +136,32 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def _folder_problems(args) -> list[str]:
+def folder_problems(args) -> list[str]:
+    """What stops ``--out`` (with ``--resume`` / ``--overwrite``) and ``--cache-dir`` from being used, as flag messages."""
     problems = []
     out = Path(args.out)
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     if resume and overwrite:
         problems.append("--resume and --overwrite exclude each other")
-    base = _nearest_existing(out)
+    base = nearest_existing(out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out} is a file, not a folder")
     elif not base.is_dir():
         problems.append(f"--out {out} cannot be created: {base} is a file")
-    elif not _writable(base):
+    elif not writable(base):
         problems.append(f"--out {out} is not writable (cannot create files in {base})")
     elif resume and not (out / "config.yaml").is_file():
         problems.append(f"--resume: {out} holds no run to continue (no config.yaml)")
-    elif not resume and not overwrite and _run_contents(out):
-        problems.append(_not_empty(out))
+    elif not resume and not overwrite and run_contents(out):
+        problems.append(not_empty(out))
     cache = getattr(args, "cache_dir", None)
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         problems.append(f"--cache-dir {cache} is a file, not a folder")

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from .pipeline import _command, _table, tune_and_eval
+from ..finetune import TuneConfig
+from .options import add_general, add_run_folder, add_shots, add_standalone, add_tuning, default
+from .pipeline import command, table, tune_and_eval
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
+    add_run_folder(p)
+    add_general(p)
+    add_standalone(p.add_argument_group("the standalone model and data"))
+    add_shots(p)
+    add_tuning(p)
+    p.add_argument("--init", default=None, help="init.safetensors from meta-train (OUT/init.safetensors)")
+    p.add_argument("--prograd", type=float, default=default(TuneConfig, "prograd_lambda"),
+                   help="ProGrad lambda in [0, 1] (off unless given)")
+    p.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args) -> int:
-    with _command(args) as (p, backbone, data, run):
+    """Tune, evaluate each epoch, write prompt.safetensors, metrics.json and accuracy.png."""
+    with command(args) as (p, backbone, data, run):
         _, hist, final, prompt = tune_and_eval(args, p, backbone, data, run, init=p.init,
                                                label="gram" if p.init else "coop")
         prompt.save(run.path("prompt.safetensors"), overwrite=True)
         run.write_metrics({"final": final, "per_epoch": hist})
         run.plot({"base": [r["base"] for r in hist], "new": [r["new"] for r in hist]}, title="tune")
-    print(_table({"tuned": final}))
+    print(table({"tuned": final}))
     return 0

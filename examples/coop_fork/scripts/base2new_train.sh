@@ -3,7 +3,7 @@
 # Run from the root of your CoOp fork (train.py patched as in examples/coop_fork/README.md),
 # with this folder's configs copied to configs/trainers/.
 # usage: bash base2new_train.sh DATASET SEED [TRAINER] [CFG] [INIT]
-#   bash base2new_train.sh caltech101 1 CoOp vit_b16_ctxv1_gram inits/coop_vit_b16_nctx4.safetensors
+#   bash base2new_train.sh caltech101 1 CoOp vit_b16_ctxv1_gram inits/coop_vit_b16_nctx4/init.safetensors
 #   bash base2new_train.sh caltech101 1 CoCoOp vit_b16_c4_ep10_batch1_ctxv1_gram
 #   bash base2new_train.sh caltech101 1 CoOp vit_b16_ctxv1_prograd
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Base-to-new with a meta-learned init, as upstream scripts/<method>/base2new_{train,test}.sh.
 # usage: bash base2new.sh DATASET SEED TRAINER CFG INIT
-#   bash base2new.sh caltech101 1 IVLP vit_b16_c2_ep5_batch4_2+2ctx_gram inits/IVLP_imagenet_gram.safetensors
+#   bash base2new.sh caltech101 1 IVLP vit_b16_c2_ep5_batch4_2+2ctx_gram inits/IVLP_imagenet_gram/init.safetensors
 DATA=${DATA:-/path/to/datasets}
 DATASET=$1
 SEED=$2
