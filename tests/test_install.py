@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = (
-    "import importlib.metadata, importlib.util, gram_plugin, gram_plugin.adapters as a, torch; "
+    "import importlib.metadata, importlib.util, gram_plugin, gram_plugin.adapters as a, gram_plugin.cli, torch; "
     "print(gram_plugin.__file__); print(a.__file__); "
     "print(importlib.util.find_spec('adapters') is None or 'site-packages/adapters' not in str(importlib.util.find_spec('adapters').origin)); "
     "print(importlib.metadata.distribution('gram-plugin').locate_file(''))"
@@ -57,7 +57,7 @@ def test_wheel_layout_and_normal_install(tmp_path):
     wheel = next((tmp_path / "dist").glob("gram_plugin-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "gram_plugin/adapters/__init__.py" in names
-    assert "gram_plugin/chc/hierarchy.py" in names  # subpackages travel too
+    assert {"gram_plugin/chc/hierarchy.py", "gram_plugin/cli/meta_train.py"} <= set(names)  # subpackages travel too
     assert not any(n.startswith("adapters/") for n in names)
     assert not any(n.startswith("tests/") for n in names)
     # the shipped proxy build and the embedded images travel with the package
