@@ -24,7 +24,7 @@ def test_cli_names_the_extra_in_one_line(module, extra, monkeypatch, capsys):
     def missing(*a, **k):
         raise ModuleNotFoundError(f"No module named '{module}'", name=module)
 
-    monkeypatch.setattr(cli, "build_parser", missing)
+    monkeypatch.setattr(cli, "parse", missing)
     assert cli.main(["inspect", "x"]) == 2
     err = capsys.readouterr().err
     assert err == f"gram-plugin: error: {module} is not installed; it comes with the '{extra}' extra: pip install \"gram-plugin[{extra}]\"\n"
@@ -34,7 +34,7 @@ def test_other_missing_modules_are_not_disguised(monkeypatch):
     def missing(*a, **k):
         raise ModuleNotFoundError("No module named 'not_an_extra'", name="not_an_extra")
 
-    monkeypatch.setattr(cli, "build_parser", missing)
+    monkeypatch.setattr(cli, "parse", missing)
     assert missing_extra_message(ModuleNotFoundError(name="not_an_extra")) is None
     with pytest.raises(ModuleNotFoundError, match="not_an_extra"):
         cli.main(["inspect", "x"])
