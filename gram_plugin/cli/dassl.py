@@ -93,11 +93,10 @@ def build_cfg(dassl: DasslConfig, shots: int, seed: int, fork_train, trainer_cls
     cfg.TRAINER.NAME = dassl.trainer
     cfg.SEED = seed
     cfg.merge_from_list(list(dassl.opts))
-    forced = ["DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.NUM_SHOTS", shots, "GRAM.ENABLED", False]
-    node = adapter_cls.cfg_node
-    if node and hasattr(getattr(cfg.TRAINER, node, None), "PREC"):
-        forced += [f"TRAINER.{node}.PREC", "fp32"]  # second-order gradients need float32
-    for key, value in zip(forced[::2], forced[1::2]):
+    # what the adapter says its trainer needs for meta-training (PREC fp32: second-order gradients)
+    forced = [("DATASET.SUBSAMPLE_CLASSES", "base"), ("DATASET.NUM_SHOTS", shots), ("GRAM.ENABLED", False),
+              *adapter_cls.meta_train_cfg(cfg)]
+    for key, value in forced:
         obj = cfg
         *path, last = key.split(".")
         for part in path:
