@@ -32,6 +32,12 @@ def integer_at_least(name: str, v: Any, low: int) -> list[str]:
     return [] if ok else [f"{name} must be an integer >= {low}, got {v!r}"]
 
 
+def seed_problems(name: str, v: Any) -> list[str]:
+    """A random seed: a whole number torch, numpy and Python all take (``torch.manual_seed`` overflows past 2**64)."""
+    ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+    return [] if ok else [f"{name} must be an integer in [0, 2**63), got {v!r}"]
+
+
 def one_of(name: str, v: Any, choices: tuple) -> list[str]:
     return [] if v in choices else [f"{name} must be one of {list(choices)}, got {v!r}"]
 

@@ -62,29 +62,26 @@ class ImageDataset:
         return [it.path for it in self.items]
 
     def load_image(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         if self.transform is None:
             raise DataError(f"{self.name}: no transform set (pass the backbone's preprocess)")
         path = self.items[i].path
         try:
-            with Image.open(path) as im:
+            with _open_image(path) as im:
                 return self.transform(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data
-            raise DataError(f"{self.name}: cannot read image {path} ({e}); pass --skip-unreadable "
+        except _unreadable_errors() as e:  # evaluated only when something was raised
+            raise DataError(f"{self.name}: cannot read image {path} ({_why_unreadable(e)}); pass --skip-unreadable "
                             "(or ImageDataset.without_unreadable()) to leave such images out") from None
 
     def without_unreadable(self) -> tuple["ImageDataset", list[str]]:
-        """This dataset minus the images PIL cannot decode in full; returns (dataset, their paths)."""
-        from PIL import Image
-
+        """This dataset minus the images PIL cannot decode in full (or that are oversized: PIL's
+        decompression-bomb limit); returns (dataset, their paths)."""
         keep, bad = [], []
         for i, it in enumerate(self.items):
             try:
-                with Image.open(it.path) as im:
+                with _open_image(it.path) as im:
                     im.load()  # decodes every byte: catches truncated files that open() accepts
                 keep.append(i)
-            except (OSError, SyntaxError, ValueError):
+            except _unreadable_errors():
                 bad.append(it.path)
         return (self.subset(keep) if bad else self), bad
 
@@ -130,6 +127,30 @@ class ImageDataset:
         return by
 
 
+def _open_image(path: str):
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot decode: UnidentifiedImageError (an OSError), truncated data, and
+    DecompressionBombError for an image over its pixel limit (e.g. 20000 x 20000), which is none of the others."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _why_unreadable(e: BaseException) -> str:
+    import re
+
+    m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
+    if m:
+        return (f"{int(m.group(1)):,} pixels, over PIL's limit of {int(m.group(2)):,}: an oversized image or a "
+                "decompression bomb")
+    return str(e)
+
+
 # -- layouts ---------------------------------------------------------------------------------------
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -158,16 +179,24 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None, ign
         raise DataError(f"class folder names under {root} are not valid UTF-8 (class names must be text): "
                         f"{undecodable}; rename them")
     images = {c: _images_in(root / c) for c in folders}
-    empty = [c for c in folders if not images[c]]
-    if empty:
-        warnings.warn(f"image folder {root}: {len(empty)} class folders hold no images and are left out: {empty}")
-    classes = [c for c in folders if images[c]]
+    _warn_empty(root, [c for c in folders if not images[c]])
+    rename = rename or {}
+    names = {c: rename.get(c, c).replace("_", " ") for c in folders}
+    nameless = [c for c in folders if not names[c].strip()]
+    if nameless:
+        warnings.warn(f"image folder {root}: class folders whose name is empty once '_' become spaces are left "
+                      f"out: {nameless}", stacklevel=2)
+    classes = [c for c in folders if images[c] and names[c].strip()]
     items = [Item(str(p), label) for label, c in enumerate(classes) for p in images[c]]
     if not items:
         raise DataError(f"image folder {root} has no images ({', '.join(IMAGE_EXTS)})")
-    rename = rename or {}
-    names = [rename.get(c, c).replace("_", " ") for c in classes]
-    return ImageDataset(items, names, transform, name or root.name)
+    return ImageDataset(items, [names[c] for c in classes], transform, name or root.name)
+
+
+def _warn_empty(root: Path, empty: list[str]) -> None:
+    if empty:
+        warnings.warn(f"image folder {root}: {len(empty)} class folders hold no images and are left out: {empty}",
+                      stacklevel=3)
 
 
 def caltech101(root: str | os.PathLike, transform: Callable | None = None) -> ImageDataset:
@@ -188,7 +217,12 @@ def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable 
     if not names_file.exists():
         raise DataError(f"no classnames.txt under {root}")
     wnid_to_name = {}
-    for line in names_file.read_text(encoding="utf-8").splitlines():
+    for n, raw in enumerate(names_file.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{names_file} is not UTF-8 text (line {n}: {e.reason} at byte {e.start}: {raw!r}); "
+                            "save it as UTF-8") from None
         if line.strip():
             wnid, _, cname = line.strip().partition(" ")
             wnid_to_name[wnid] = cname.strip()
@@ -199,15 +233,25 @@ def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable 
     missing = [w for w in wnids if w not in wnid_to_name]
     if missing:
         raise DataError(f"classnames.txt has no name for {missing[:5]}")
-    items = [Item(str(p), label) for label, w in enumerate(wnids) for p in _images_in(folder / w)]
+    images = {w: _images_in(folder / w) for w in wnids}
+    _warn_empty(folder, [w for w in wnids if not images[w]])
+    nameless = [w for w in wnids if not wnid_to_name[w]]
+    if nameless:
+        warnings.warn(f"{names_file} gives no name for {len(nameless)} classes, left out: {nameless}", stacklevel=2)
+    wnids = [w for w in wnids if images[w] and wnid_to_name[w]]
+    items = [Item(str(p), label) for label, w in enumerate(wnids) for p in images[w]]
     return ImageDataset(items, [wnid_to_name[w] for w in wnids], transform, f"imagenet-{split}")
 
 
 def load_dataset(spec: str, transform: Callable | None = None) -> ImageDataset:
     """``caltech101:ROOT``, ``imagenet:ROOT``, ``folder:ROOT``, ``default`` (the embedded set) or a folder path."""
-    kind, _, root = spec.partition(":")
+    kind, colon, root = spec.partition(":")
     if spec == "default":
         return default_dataset(transform)
+    if colon and kind in ("caltech101", "imagenet", "folder") and not root.strip():
+        # "folder:$DATA" with DATA unset would otherwise read the current folder
+        raise DataError(f"data spec {spec!r} names no folder after the ':' (is it built from an unset variable "
+                        "such as $DATA?)")
     if kind == "caltech101":
         return caltech101(root, transform)
     if kind == "imagenet":
@@ -225,18 +269,38 @@ def default_dataset(transform: Callable | None = None) -> ImageDataset:
 
 # -- splits and few-shot -----------------------------------------------------------------------------
 def subsample_classes(dataset: ImageDataset, subsample: str = "all") -> ImageDataset:
-    """CoOp's ``subsample_classes``: sorted labels, first ``ceil(n/2)`` are base, rest new; relabelled from 0."""
+    """CoOp's ``subsample_classes``: sorted labels, first ``ceil(n/2)`` are base, rest new; relabelled from 0.
+
+    Raises ``DataError`` (with the class counts) when either side would have fewer than 2 classes.
+    """
     if subsample not in ("all", "base", "new"):
         raise DataError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
     if subsample == "all":
         return dataset
     labels = sorted(set(it.label for it in dataset.items))
     m = math.ceil(len(labels) / 2)
+    problem = base_new_problem(dataset)
+    if problem:
+        raise DataError(problem)
     selected = labels[:m] if subsample == "base" else labels[m:]
     relabel = {y: i for i, y in enumerate(selected)}
     idx = [i for i, it in enumerate(dataset.items) if it.label in relabel]
     names = [dataset.classnames[y] for y in selected]
     return dataset.subset(idx, names, relabel)
+
+
+def base_new_problem(dataset: ImageDataset) -> str | None:
+    """Why ``dataset`` cannot be split into base and new classes (CoOp's rule), or ``None``.
+
+    Each side needs at least 2 classes: on a 1-class side every prediction is right, and base / new /
+    H would report 100 %.
+    """
+    n = len(set(it.label for it in dataset.items))
+    base = math.ceil(n / 2)
+    if base < 2 or n - base < 2:
+        return (f"{dataset.name}: its {n} classes split into {base} base and {n - base} new; base-to-new evaluation "
+                "needs at least 2 classes on each side (4 in all): a 1-class side would score 100 %")
+    return None
 
 
 def split_train_test(dataset: ImageDataset, test_fraction: float = 0.5, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GramPluginError
-from .config import integer_at_least, one_of, positive_number, raise_problems
+from .config import integer_at_least, one_of, positive_number, raise_problems, seed_problems
 from .hooks import StepArguments, install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
@@ -45,6 +45,7 @@ class TuneConfig:
         problems = integer_at_least("epochs", self.epochs, 1) + positive_number("lr", self.lr)
         problems += integer_at_least("batch_size", self.batch_size, 1)
         problems += one_of("optimizer", self.optimizer, ("sgd", "adam"))
+        problems += seed_problems("seed", self.seed)
         lam = self.prograd_lambda
         if lam is not None and not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0 <= lam <= 1):
             problems.append(f"prograd_lambda must lie in [0, 1] or be None, got {lam!r}")

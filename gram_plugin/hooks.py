@@ -21,6 +21,9 @@ import torch
 from .transforms import GradientTransform
 
 
+_INSTALLED = "_gram_hooked_params"  # optimiser attribute: id(param) -> the GradientHook transforming it
+
+
 class StepArguments:
     """Keyword arguments for the transform at the coming optimiser step(s) of one training step.
 
@@ -57,10 +60,18 @@ class GradientHook:
         self.params = {n: p for n, p in params.items() if id(p) in owned}
         if not self.params:
             raise ValueError("none of the given parameters is optimised by this optimiser")
+        # a second hook on the same parameters would apply its transform on top of the first (a regulator twice)
+        installed = optimizer.__dict__.setdefault(_INSTALLED, {})
+        taken = [n for n, p in self.params.items() if id(p) in installed]
+        if taken:
+            raise ValueError(f"a gradient transform is already installed on this optimiser for {taken}: remove() "
+                             "that hook first, or chain(...) the transforms into one")
         self.transform = transform
         self.arguments = arguments
         self.steps = 0
+        self._optimizer = optimizer
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        installed.update((id(p), self) for p in self.params.values())
 
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs):
@@ -78,6 +89,10 @@ class GradientHook:
     def remove(self) -> None:
         """Uninstall the transform from the optimiser."""
         self._handle.remove()
+        installed = self._optimizer.__dict__.get(_INSTALLED, {})
+        for p in self.params.values():
+            if installed.get(id(p)) is self:
+                del installed[id(p)]
 
 
 def install_gradient_transform(
@@ -92,5 +107,7 @@ def install_gradient_transform(
     are left alone. The regulator runs without autograd here (fine-tuning does not train it).
     ``arguments``: where the transform's keyword arguments for each step come from (ProGrad's
     ``general_grads``). Raises ``ValueError`` when the optimiser owns none of ``params``.
+    Raises ``ValueError`` too if a hook installed here already transforms one of these parameters
+    (remove it first, or chain the transforms).
     """
     return GradientHook(optimizer, params, transform, arguments)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import GramPluginError
-from .config import integer_at_least, one_of, positive_number, raise_problems
+from .config import integer_at_least, one_of, positive_number, raise_problems, seed_problems
 from .metabatch import BatchedMetaStep
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
 from .prompts import PromptInit, prompt_parameters
@@ -42,6 +42,25 @@ __all__ = ["MetaConfig", "MetaPromptTrainer", "MetaTrainingError", "module_loss"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.safetensors"  # the one before, kept as a fallback
 CHECKPOINT_KIND = "meta-checkpoint"
+
+
+# options that change what a resumed run computes (steps, logging and the memory / speed switches do not)
+_RESUME_MUST_MATCH = ("inner_lr", "inner_steps", "outer_lr", "regulator_lr", "meta_batch_size", "first_order",
+                      "clip_gamma")
+
+
+def _batch_size(batch: Any) -> int | None:
+    """How many examples a batch holds, where its form says so (``{"labels": ...}``, a tensor, a tuple of
+    tensors); ``None`` for a form the run loop cannot read (the loss function's business)."""
+    if isinstance(batch, Mapping):
+        first = batch.get("labels", next(iter(batch.values()), None))
+    elif isinstance(batch, (tuple, list)):
+        first = batch[0] if batch else None
+    else:
+        first = batch
+    if torch.is_tensor(first):
+        return int(first.shape[0]) if first.dim() else None
+    return len(first) if isinstance(first, (list, tuple)) else None
 
 
 class MetaTrainingError(GramPluginError, RuntimeError):
@@ -81,6 +100,7 @@ class MetaConfig:
         for name in ("inner_steps", "meta_batch_size", "steps", "log_every"):
             problems += integer_at_least(name, getattr(self, name), 1)
         problems += integer_at_least("checkpoint_every", self.checkpoint_every, 0)
+        problems += seed_problems("seed", self.seed)
         if self.clip_gamma is not None:
             problems += positive_number("clip_gamma", self.clip_gamma)
         problems += one_of("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
@@ -156,6 +176,7 @@ class MetaPromptTrainer:
         self.step = 0
         self.skipped_steps: list[int] = []
         self.history: list[dict] = []
+        self._last_tasks: list[Task] = []  # the last meta-batch: the final update is checked on it
 
     # -- the algorithm, through the meta-step --------------------------------------------------
     def adapt(self, params: Mapping[str, torch.Tensor], support: Any, steps: int | None = None,
@@ -235,8 +256,19 @@ class MetaPromptTrainer:
         self.theta_opt.step()
         if self.phi_opt is not None:
             self.phi_opt.step()
+        # a finite gradient can still step to Inf (a huge outer lr, float16 prompts): never go on from there,
+        # whatever on_nonfinite says (the optimisers have moved; there is no step to skip)
+        broken = self._nonfinite_state()
+        if broken:
+            raise MetaTrainingError(f"outer step {step}: the update made {broken} non-finite; lower outer_lr / "
+                                    "regulator_lr (or use float32 prompts): nothing from this step was saved")
         self.step = step
         return record
+
+    def _nonfinite_state(self) -> list[str]:
+        """Prompt tensors (and ``regulator.<key>``) holding a NaN or an infinity."""
+        reg = {f"regulator.{k}": v for k, v in self.regulator.state_dict().items()} if self.regulator is not None else {}
+        return nonfinite_names(self.params) + nonfinite_names(reg)
 
     def _clip_in_place(self, named: Mapping[str, torch.Tensor]) -> None:
         clipped = self._clip({k: p.grad for k, p in named.items()})
@@ -264,7 +296,17 @@ class MetaPromptTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def sample_meta_batch(self, source: TaskSource) -> list[Task]:
-        return [source.sample(self.generator) for _ in range(self.config.meta_batch_size)]
+        """``meta_batch_size`` tasks from ``source``; a task with an empty support or query set is an error
+        (its loss would be NaN, and the step blamed on a non-finite loss)."""
+        tasks = [source.sample(self.generator) for _ in range(self.config.meta_batch_size)]
+        for i, task in enumerate(tasks):
+            for part in ("support", "query"):
+                if _batch_size(getattr(task, part)) == 0:
+                    raise MetaTrainingError(
+                        f"outer step {self.step + 1}: task {i} of the meta-batch has an empty {part} set "
+                        f"(task source {type(source).__name__}: {task.info or 'no task info'})")
+        self._last_tasks = tasks
+        return tasks
 
     def fit(
         self,
@@ -299,6 +341,7 @@ class MetaPromptTrainer:
                 raise MetaTrainingError(
                     f"all {self.step} outer steps were non-finite and skipped: nothing was learned "
                     "(check the init and the learning rates); no init exported")
+            self._check_last_update()
             if writes:
                 self.save_checkpoint()
         return self.export(source)
@@ -332,6 +375,27 @@ class MetaPromptTrainer:
             if logger is not None:
                 logger.close()
 
+    @torch.no_grad()
+    def _check_last_update(self) -> None:
+        """The last update is checked as the next step would check it: the loss at the learned prompts.
+
+        Each step checks the gradient at the prompts it starts from, so without this the last update
+        (``--outer-lr 1e30 --meta-steps 1``) would be exported unchecked. One forward on the support
+        set of the last meta-batch's first task; the task generator is not touched. Raises
+        ``MetaTrainingError`` when that loss is not finite.
+        """
+        tasks = self._last_tasks
+        if not tasks:  # nothing ran in this call (a finished run resumed): its checkpoint was checked
+            return
+        if self.skipped_steps and self.skipped_steps[-1] == self.step:
+            return  # on_nonfinite='skip' dropped the last step: no update to check, and its tasks are the bad ones
+        loss = self.loss_fn(self.params, tasks[0].support)
+        value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        if not math.isfinite(value):
+            raise MetaTrainingError(
+                f"outer step {self.step}: the update made the prompts unusable: the loss at them is {value} "
+                "(they hold finite but huge values?); lower outer_lr / regulator_lr: no init exported")
+
     def _resume(self, resume: bool | str | os.PathLike, total: int) -> None:
         if not isinstance(resume, bool):
             path = Path(resume)
@@ -345,7 +409,7 @@ class MetaPromptTrainer:
         failures = []
         for path in candidates:
             try:
-                self.load_checkpoint(path, total=total)
+                self.load_checkpoint(path, total=total, check_options=True)
             except CheckpointError as e:
                 failures.append(str(e))
                 continue
@@ -412,19 +476,28 @@ class MetaPromptTrainer:
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Atomic (temp file + rename); the checkpoint it replaces stays as ``checkpoint.prev.safetensors``."""
         path = Path(path) if path is not None else self.run_dir / CHECKPOINT_NAME
+        broken = self._nonfinite_state()
+        if broken:
+            raise MetaTrainingError(f"the prompts hold non-finite values (NaN or Inf) in {broken}: no checkpoint "
+                                    f"written to {path}")
         if path.exists() and path.name == CHECKPOINT_NAME:
             keep_previous(path, path.with_name(PREVIOUS_CHECKPOINT_NAME))
         tensors, meta = self.state_tensors()
         return save_tensors(path, tensors, meta, kind=CHECKPOINT_KIND)
 
-    def load_checkpoint(self, path: str | os.PathLike, total: int | None = None) -> None:
+    def load_checkpoint(self, path: str | os.PathLike, total: int | None = None, check_options: bool = False) -> None:
         """Restore theta, phi, both Adam states, the task generator and the step counter.
 
-        Everything is checked before anything is changed; every problem is named in one
-        ``CheckpointError``. With ``total``, a step beyond it is an error too.
+        Everything is checked before anything is changed (checksums of the tensors and of the metadata,
+        names, shapes, finite values); every problem is named in one ``CheckpointError``. With
+        ``total``, a step beyond it is an error too; with ``check_options`` (as ``fit(resume=...)``
+        does), so are options that would change the result (``inner_lr``, ``outer_lr``, ...) and an
+        optimiser lr other than this trainer's.
         """
         tensors, meta = load_tensors(path, what="meta-training checkpoint", error=CheckpointError, kind=CHECKPOINT_KIND)
         problems = self._checkpoint_problems(tensors, meta, total)
+        if check_options:
+            problems += self._option_problems(meta)
         if problems:
             raise CheckpointError(f"checkpoint {path} is incomplete or invalid: " + "; ".join(problems))
         opt_states = {}
@@ -486,6 +559,30 @@ class MetaPromptTrainer:
                 problems.append(f"optimiser tensors missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         if "rng/generator" not in tensors:
             problems.append("its task-sampler RNG state (rng/generator) is missing")
+        broken = nonfinite_names({k: v for k, v in tensors.items() if v.is_floating_point()})
+        if broken:
+            problems.append(f"it holds non-finite values (NaN or Inf) in {broken[:5]}{' ...' if len(broken) > 5 else ''}")
+        return problems
+
+    def _option_problems(self, meta: dict) -> list[str]:
+        """Options the checkpoint was written with that would change the result if resumed under others."""
+        problems = []
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            return ["its options ('config') are missing"]
+        mine = asdict(self.config)
+        for key in _RESUME_MUST_MATCH:
+            if key in saved and saved[key] != mine[key]:
+                problems.append(f"it was written with {key} {saved[key]!r} where this trainer has {mine[key]!r}")
+        for tag, opt, lr in (("opt_theta", self.theta_opt, self.config.outer_lr),
+                             ("opt_phi", self.phi_opt, self.config.regulator_lr)):
+            groups = meta.get(tag, {}).get("param_groups") if isinstance(meta.get(tag), dict) else None
+            if opt is None or not isinstance(groups, list):
+                continue
+            lrs = sorted({g.get("lr") for g in groups if isinstance(g, dict)}, key=repr)
+            if lrs != [lr]:
+                problems.append(f"its optimiser {tag!r} lr {lrs[0] if len(lrs) == 1 else lrs!r} differs from "
+                                f"this trainer's {lr!r}")
         return problems
 
 

@@ -137,6 +137,35 @@ def metadata_problems(meta: Mapping) -> list[str]:
     return problems
 
 
+def regulator_config_problems(config: Any, prompts: Mapping[str, torch.Tensor], regulator_state: Mapping) -> list[str]:
+    """Every way an init's ``regulator_config`` disagrees with the prompt tensors it regulates (checked before
+    any regulator is built: a config claiming a 30000-wide head would otherwise allocate gigabytes).
+
+    Each head must be for one of the prompt tensors and as wide as it (the regulator acts on the last
+    dimension); a config needs regulator tensors and regulator tensors need a config. The option values
+    and the tensors' own layout are checked by ``GradientRegulator.init_problems``.
+    """
+    if config is None:
+        return ["it holds regulator tensors but no 'regulator_config' to build the regulator from"] if regulator_state else []
+    if not regulator_state:
+        return []  # a config without tensors is ignored (no regulator), as before
+    shapes = config.get("shapes") if isinstance(config, Mapping) else None
+    if not isinstance(shapes, Mapping) or not shapes:
+        return ["'regulator_config' needs a non-empty 'shapes' mapping"]
+    problems = []
+    for name, shape in shapes.items():
+        ok = isinstance(shape, (list, tuple)) and shape and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        if not ok:
+            problems.append(f"regulator head {name!r}: its shape must be a list of positive integers, got {shape!r}")
+        elif name not in prompts:
+            problems.append(f"regulator head {name!r} is for no prompt tensor of the file (it has {list(prompts)})")
+        elif prompts[name].dim() == 0 or shape[-1] != prompts[name].shape[-1]:
+            problems.append(f"regulator head {name!r} is {shape[-1]} wide (shape {list(shape)}), the prompt {name} "
+                            f"is {tuple(prompts[name].shape)}")
+    return problems
+
+
 def _upgrade(metadata: dict, version: int) -> dict:
     """Fill keys that older format versions did not record with what those versions meant."""
     rc = metadata.get("regulator_config")
@@ -158,6 +187,7 @@ class PromptInit:
     tensors: "OrderedDict[str, torch.Tensor]"
     metadata: dict = field(default_factory=dict)
     regulator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str | None = field(default=None, repr=False, compare=False)  # the file it was loaded from, for errors
 
     @classmethod
     def from_module(cls, module: nn.Module, **metadata: Any) -> "PromptInit":
@@ -221,7 +251,12 @@ class PromptInit:
         prompts = OrderedDict((n, tensors[n]) for n in names)
         reg = {k[len(_REGULATOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(_REGULATOR_PREFIX)}
         metadata = {k: v for k, v in meta.items() if k not in ("names", "shapes", "dtypes", "has_regulator", "format_version", "kind")}
-        return cls(prompts, _upgrade(metadata, meta.get("format_version", 1)), reg)
+        problems = regulator_config_problems(metadata.get("regulator_config"), prompts, reg)
+        if problems:
+            raise PromptInitError(f"init file {path} has a regulator that does not fit its prompts: " + "; ".join(problems))
+        init = cls(prompts, _upgrade(metadata, meta.get("format_version", 1)), reg)
+        init.source = str(path)
+        return init
 
     # -- applying ------------------------------------------------------------------------------
     def check_against(

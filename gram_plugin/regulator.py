@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .prompts import PromptInit, PromptInitError, prompt_parameters
+from .prompts import PromptInit, PromptInitError, prompt_parameters, regulator_config_problems
 
 
 def _head_key(name: str) -> str:
@@ -165,13 +165,49 @@ class GradientRegulator(nn.Module):
         return cls(config["shapes"], **{k: config[k] for k in options if k in config})
 
     @classmethod
+    def init_problems(cls, init: PromptInit) -> list[str]:
+        """Every way the regulator saved in ``init`` does not fit (empty when it does or when there is none).
+
+        Its config against the prompt tensors (``prompts.regulator_config_problems``), the option values,
+        and the tensors' names and shapes against the regulator the config describes, which is laid out
+        on the meta device: nothing is allocated, whatever size the config claims.
+        """
+        if not init.regulator_state:
+            return []
+        problems = regulator_config_problems(init.regulator_config, init.tensors, init.regulator_state)
+        if problems:
+            return problems
+        try:
+            with torch.device("meta"):
+                layout = {k: tuple(v.shape) for k, v in cls.from_config(init.regulator_config).state_dict().items()}
+        except (TypeError, ValueError) as e:
+            return [f"its regulator_config is invalid: {e}"]
+        state = init.regulator_state
+        missing = sorted(set(layout) - set(state))
+        if missing:
+            problems.append(f"regulator tensors missing for its config: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        extra = sorted(set(state) - set(layout))
+        if extra:
+            problems.append(f"regulator tensors its config has no place for: {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+        problems += [f"regulator tensor {k} is {tuple(state[k].shape)}, its config makes it {layout[k]}"
+                     for k in sorted(set(layout) & set(state)) if tuple(state[k].shape) != layout[k]]
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            problems.append(f"the regulator holds non-finite values (NaN or Inf) in {bad}: it is unusable")
+        return problems
+
+    @classmethod
     def from_init(cls, init: PromptInit) -> "GradientRegulator | None":
-        """The regulator saved with a ``PromptInit`` (its config and weights), or ``None`` if it has none."""
+        """The regulator saved with a ``PromptInit`` (its config and weights), or ``None`` if it has none.
+
+        Raises ``PromptInitError`` listing :meth:`init_problems` before anything is allocated.
+        """
         if not init.regulator_state:
             return None
-        bad = [k for k, v in init.regulator_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise PromptInitError(f"the init's regulator holds non-finite values (NaN or Inf) in {bad}: it is unusable")
+        problems = cls.init_problems(init)
+        if problems:
+            where = f"init file {init.source}" if init.source else "the init"
+            raise PromptInitError(f"{where}: its regulator does not fit: " + "; ".join(problems))
         reg = cls.from_config(init.regulator_config)
         reg.load_state_dict(init.regulator_state)
         return reg

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -27,6 +27,8 @@ from .errors import GramPluginError
 
 META_KEY = "gram_plugin"
 CHECKSUM_KEY = "gram_plugin.sha256"
+# the checksum table's entry for the metadata document itself (safetensors reserves this name: no tensor has it)
+METADATA_CHECKSUM = "__metadata__"
 
 # what a file is, as recorded in its metadata "kind", in words for error messages
 KINDS = {
@@ -63,10 +65,20 @@ def _article(word: str) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (the old file stays whole on failure)."""
+    """Write ``data`` to ``path`` via temp file + fsync + rename (the old file stays whole on failure).
+
+    The file gets the mode any new file gets (0666 less the umask: 0644 under 0022), as other tools'
+    outputs do; ``tempfile.mkstemp`` would make it 0600 whatever the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -110,6 +122,10 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in C order (dtype and shape are checked by safetensors itself)."""
     flat = t.detach().contiguous().cpu().reshape(-1)
@@ -126,8 +142,10 @@ def save_tensors(
     from safetensors.torch import save
 
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = dict(metadata) if kind is None else {"kind": kind, **metadata}
-    header = {META_KEY: json.dumps(meta), CHECKSUM_KEY: json.dumps({k: tensor_sha256(v) for k, v in flat.items()})}
+    meta = json.dumps(dict(metadata) if kind is None else {"kind": kind, **metadata})
+    sums = {k: tensor_sha256(v) for k, v in flat.items()}
+    sums[METADATA_CHECKSUM] = text_sha256(meta)  # the header (options, optimiser state, ...) is checked too
+    header = {META_KEY: meta, CHECKSUM_KEY: json.dumps(sums)}
     return atomic_write_bytes(path, save(flat, metadata=header))
 
 
@@ -163,22 +181,31 @@ def load_tensors(
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise error(f"{what} {path} has corrupt gram-plugin metadata: {e}") from None
+    except RecursionError:
+        raise error(f"{what} {path} has corrupt gram-plugin metadata: it is nested too deep to read "
+                    "(no file gram-plugin writes nests more than a few levels)") from None
     if not isinstance(meta, dict):
         raise error(f"{what} {path}: gram-plugin metadata must be a JSON object, got {type(meta).__name__}")
     if kind is not None and meta.get("kind", kind) != kind:
         raise error(f"{path} is a {describe_kind(meta.get('kind'))}, not {_article(what)} {what}")
-    _verify_checksums(path, what, error, header.get(CHECKSUM_KEY), tensors)
+    _verify_checksums(path, what, error, header.get(CHECKSUM_KEY), tensors, raw)
     return tensors, meta
 
 
-def _verify_checksums(path, what, error, raw, tensors) -> None:
+def _verify_checksums(path, what, error, raw, tensors, meta_text: str) -> None:
     if raw is None:  # written before checksums existed: nothing to compare with
         return
     try:
         sums = json.loads(raw)
-        assert isinstance(sums, dict)
-    except (json.JSONDecodeError, AssertionError):
-        raise error(f"{what} {path} has a corrupt checksum table") from None
+    except (json.JSONDecodeError, RecursionError):
+        sums = None
+    if not isinstance(sums, dict):
+        raise error(f"{what} {path} has a corrupt checksum table")
+    # files written before the metadata had a checksum have no entry for it: their tensors are still checked
+    meta_sum = sums.pop(METADATA_CHECKSUM, None)
+    if meta_sum is not None and meta_sum != text_sha256(meta_text):
+        raise error(f"{what} {path} is damaged: checksum mismatch in its metadata (options, optimiser state, "
+                    "step, ...): it was edited or corrupted after it was written")
     bad = sorted(k for k, t in tensors.items() if sums.get(k) != tensor_sha256(t))
     bad += sorted(k for k in sums if k not in tensors)
     if bad:

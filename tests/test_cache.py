@@ -1,7 +1,8 @@
-"""Feature cache: miss then hit (same features), invalidated by weights, transform or file list."""
+"""Feature cache: miss then hit (same features), invalidated by weights, transform, file list or file content."""
 
 import os
 
+import pytest
 import torch
 
 from gram_plugin.backbones import tiny_openclip
@@ -50,10 +51,14 @@ def test_hit_miss_invalidate(bb, tmp_path):
     assert cache.misses == 4
     st = os.stat(ds.items[0].path)
     os.utime(ds.items[0].path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cache.features(bb, ds)  # the key is the bytes: a touched file is the same image
+    assert (cache.hits, cache.misses) == (2, 4)
+    with open(ds.items[1].path, "rb") as src, open(ds.items[0].path, "wb") as dst:
+        dst.write(src.read())  # another picture under the same name
     cache.features(bb, ds)
     assert cache.misses == 5
     cache.features(bb, ds)
-    assert cache.hits == 2
+    assert cache.hits == 3
 
 
 def test_damaged_cache_file_is_recomputed(bb, tmp_path):
@@ -61,6 +66,7 @@ def test_damaged_cache_file_is_recomputed(bb, tmp_path):
     cache = FeatureCache(tmp_path / "cache", progress=False)
     f1 = cache.features(bb, ds)
     cache.path_for(cache_key(bb, ds)[0]).write_bytes(b"garbage")
-    f2 = cache.features(bb, ds)
+    with pytest.warns(UserWarning, match="is not a readable safetensors file.*: recomputing"):
+        f2 = cache.features(bb, ds)
     assert cache.misses == 2 and torch.equal(f1, f2)
     assert cache.attach(bb, ds).batch([0, 1])["features"].shape == (2, 32)

@@ -164,7 +164,7 @@ def cli(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def image_folder(tmp_path, classes=("Faces", "pizza"), per_class=4) -> Path:
+def image_folder(tmp_path, classes=("Faces", "pizza", "Leopards", "Motorbikes"), per_class=4) -> Path:
     root = tmp_path / "images"
     for c in classes:
         (root / c).mkdir(parents=True)
@@ -513,7 +513,7 @@ def test_a_one_class_dataset_is_refused_up_front(tmp_path, capsys):
 def test_empty_class_folders_are_warned_about_and_left_out(tmp_path):
     from gram_plugin.data import image_folder as load_folder
 
-    root = image_folder(tmp_path)
+    root = image_folder(tmp_path, classes=("Faces", "pizza"))
     (root / "empty_class").mkdir()
     with pytest.warns(UserWarning, match=r"1 class folders hold no images and are left out: \['empty_class'\]"):
         ds = load_folder(root)
@@ -551,3 +551,431 @@ def test_meta_train_with_skipped_steps_writes_null_not_nan_into_metrics(tmp_path
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert [r["meta_loss"] is None for r in metrics["meta_train"]] == [False, True, False]
     assert metrics["skipped_steps"] == [2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 27: nothing a user already has is destroyed, and no result is silently wrong. One test per case.
+# ---------------------------------------------------------------------------------------------------
+import gzip  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from gram_plugin.cache import FeatureCache, cache_key  # noqa: E402
+from gram_plugin.data import DataError, ImageDataset, Item  # noqa: E402
+from gram_plugin.prompts import PromptInitError  # noqa: E402
+from gram_plugin.safeio import CacheError  # noqa: E402
+
+
+class _HalfRegression:
+    """ShiftedRegression in float16 (prompts, inputs and targets)."""
+
+    def __init__(self, n_support=10):
+        from test_meta_training import ShiftedRegression
+
+        self.inner = ShiftedRegression(n_support=n_support)
+
+    def sample(self, g):
+        t = self.inner.sample(g)
+        t.support = tuple(x.half() for x in t.support)
+        t.query = tuple(x.half() for x in t.query)
+        return t
+
+
+def _set_metadata(src: Path, dst: Path, **changes) -> Path:
+    """Rewrite a gram-plugin safetensors file with metadata changes, checksums left as they were."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["gram_plugin"])
+    meta.update(changes)
+    header["gram_plugin"] = json.dumps(meta)
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+# -- silent wrong results: meta-training checks its last update, every dtype --------------------------
+def test_meta_train_checks_its_last_update(tmp_path, capsys):
+    rc, err = cli(capsys, "meta-train", "--out", tmp_path / "m", *BASE, *META[2:], "--meta-steps", "1",
+                  "--outer-lr", "1e30")
+    assert rc == 2 and re.search(r"outer step 1: the update made the prompts unusable", err), err
+    assert not (tmp_path / "m" / "init.safetensors").exists() and not (tmp_path / "m" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_float16_prompts_that_overflow_stop_at_the_update_and_save_nothing(tmp_path, steps, on_nonfinite):
+    from test_meta_training import mse
+
+    cfg = MetaConfig(inner_lr=0.05, inner_steps=1, outer_lr=1e5, meta_batch_size=2, steps=steps, progress=False,
+                     checkpoint_every=1, on_nonfinite=on_nonfinite)
+    tr = MetaPromptTrainer(mse, {"w": torch.zeros(1, 8, dtype=torch.float16)}, config=cfg, run_dir=tmp_path)
+    with pytest.raises(MetaTrainingError, match=r"outer step 1: the update made \['w'\] non-finite"):
+        tr.fit(_HalfRegression())
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_init_is_refused_in_every_dtype(dtype, value):
+    from test_meta_training import ShiftedRegression, mse
+
+    w = torch.zeros(1, 8, dtype=dtype)
+    w[0, 3] = value
+    tr = MetaPromptTrainer(mse, {"w": w}, config=MetaConfig(steps=2, progress=False))
+    with pytest.raises(MetaTrainingError, match=r"init holds non-finite values \(NaN or Inf\) in \['w'\]"):
+        tr.fit(ShiftedRegression())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_checkpoint_holding_non_finite_values_is_neither_written_nor_resumed(tmp_path, dtype):
+    from test_meta_training import ShiftedRegression, mse
+
+    source = _HalfRegression() if dtype == torch.float16 else ShiftedRegression()
+    cfg = MetaConfig(inner_lr=0.05, inner_steps=1, meta_batch_size=2, steps=2, progress=False)
+    tr = MetaPromptTrainer(mse, {"w": torch.zeros(1, 8, dtype=dtype)}, config=cfg, run_dir=tmp_path)
+    tr.fit(source)
+    tensors, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    tensors["theta/w"] = tensors["theta/w"].clone().fill_(float("inf"))
+    for name in (CHECKPOINT_NAME, "checkpoint.prev.safetensors"):
+        save_tensors(tmp_path / name, tensors, meta)  # checksums recomputed: only the values say it
+    again = MetaPromptTrainer(mse, {"w": torch.zeros(1, 8, dtype=dtype)}, config=MetaConfig(**{**cfg.__dict__, "steps": 4}),
+                              run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or Inf\) in \['theta/w'\]"):
+        again.fit(source, resume=True)
+    with torch.no_grad():
+        tr.params["w"].fill_(float("nan"))
+    with pytest.raises(MetaTrainingError, match=r"non-finite values \(NaN or Inf\) in \['w'\]: no checkpoint written"):
+        tr.save_checkpoint(tmp_path / "other.safetensors")
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+# -- checkpoint integrity covers the header -----------------------------------------------------------
+@pytest.mark.parametrize("what", ["optimiser lr", "options", "skipped steps"])
+def test_an_edited_checkpoint_header_is_caught(tmp_path, what):
+    tr, _ = _checkpointed_run(tmp_path, 2)
+    _, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    if what == "optimiser lr":
+        meta["opt_theta"]["param_groups"][0]["lr"] = 0.5
+        change = {"opt_theta": meta["opt_theta"]}
+    elif what == "options":
+        change = {"config": {**meta["config"], "inner_lr": 0.5}}
+    else:
+        change = {"skipped_steps": [1]}
+    for name in (CHECKPOINT_NAME, "checkpoint.prev.safetensors"):
+        _set_metadata(tmp_path / name, tmp_path / name, **change)
+    with pytest.raises(CheckpointError, match=r"is damaged: checksum mismatch in its metadata"):
+        _checkpointed_run(tmp_path, 4)
+
+
+def test_a_checkpoint_written_with_other_options_is_refused_even_with_fresh_checksums(tmp_path):
+    _checkpointed_run(tmp_path, 2)
+    tensors, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    meta["opt_theta"]["param_groups"][0]["lr"] = 0.5
+    meta["config"]["inner_lr"] = 0.5
+    for name in (CHECKPOINT_NAME, "checkpoint.prev.safetensors"):
+        save_tensors(tmp_path / name, tensors, meta)
+    with pytest.raises(CheckpointError, match=r"inner_lr 0.5 .* this trainer has 0.05.*optimiser 'opt_theta' lr 0.5"):
+        _checkpointed_run(tmp_path, 4)
+
+
+# -- the feature cache is keyed on content and row order ----------------------------------------------
+def _bmp_dataset(tmp_path, bb, n=6) -> ImageDataset:
+    """Uncompressed BMP copies of package images: a pixel can change without the file size changing."""
+    from PIL import Image
+
+    src = sorted((PACKAGE_IMAGES / "Faces").iterdir())[:n // 2] + sorted((PACKAGE_IMAGES / "pizza").iterdir())[:n // 2]
+    items = []
+    for i, p in enumerate(src):
+        dst = tmp_path / "bmp" / f"{i}.bmp"
+        dst.parent.mkdir(exist_ok=True)
+        with Image.open(p) as im:
+            im.convert("RGB").save(dst)
+        items.append(Item(str(dst), int(i >= n // 2)))
+    return ImageDataset(items, ["face", "pizza"], bb.preprocess, "bmp")
+
+
+def test_the_feature_cache_sees_an_image_changed_at_the_same_size_and_mtime(tmp_path, bb):
+    ds = _bmp_dataset(tmp_path, bb)
+    cache = FeatureCache(tmp_path / "cache", progress=False)
+    before = cache.features(bb, ds)
+    path = ds.items[0].path
+    st = os.stat(path)
+    raw = bytearray(Path(path).read_bytes())
+    for i in range(len(raw) - 3000, len(raw)):  # a band of pixels turns white
+        raw[i] = 255
+    Path(path).write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    after = cache.features(bb, ds)
+    assert cache.misses == 2 and not torch.equal(after[0], before[0])
+    torch.testing.assert_close(after[1:], before[1:])
+
+
+@pytest.mark.parametrize("damage", ["reordered", "flipped byte", "nan rows"])
+def test_a_damaged_or_reordered_feature_cache_is_named_and_recomputed(tmp_path, bb, damage):
+    ds = _bmp_dataset(tmp_path, bb)
+    cache = FeatureCache(tmp_path / "cache", progress=False)
+    good = cache.features(bb, ds)
+    path = cache.path_for(cache_key(bb, ds)[0])
+    tensors, meta = load_tensors(path)
+    if damage == "reordered":
+        save_tensors(path, {"features": tensors["features"][torch.tensor([1, 0, 2, 3, 4, 5])]}, meta)
+        message = "rows do not match its images .*reordered"
+    elif damage == "nan rows":
+        save_tensors(path, {"features": tensors["features"].clone().fill_(float("nan"))}, meta)
+        message = r"non-finite values \(NaN or Inf\)"
+    else:
+        raw = bytearray(path.read_bytes())
+        raw[-5] ^= 0x20
+        path.write_bytes(bytes(raw))
+        message = "checksum mismatch"
+    with pytest.warns(UserWarning, match=rf"feature cache {re.escape(str(path))} .*{message}.*: recomputing"):
+        again = cache.features(bb, ds)
+    assert cache.misses == 2 and torch.equal(again, good)
+
+
+def test_a_nan_feature_cache_on_the_cli_is_recomputed_not_blamed_on_the_learning_rate(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["tune", "--out", str(tmp_path / "a"), *FAST, "--cache-dir", str(cache)]) == 0
+    path = next(cache.glob("features-*.safetensors"))
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {"features": torch.full_like(tensors["features"], float("nan"))}, meta)
+    with pytest.warns(UserWarning, match=rf"feature cache {re.escape(str(path))} .*non-finite"):
+        rc, err = cli(capsys, "tune", "--out", tmp_path / "b", *FAST, "--cache-dir", cache)
+    assert rc == 0 and "learning rate" not in err, err
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+
+def test_an_image_tower_giving_non_finite_features_is_named(tmp_path, bb):
+    ds = _bmp_dataset(tmp_path, bb)
+
+    class Broken:
+        name, embed_dim, preprocess = "broken", 32, bb.preprocess
+
+        def weights_id(self):
+            return "broken"
+
+        def encode_image(self, images):
+            out = torch.zeros(len(images), 32)
+            out[1] = float("nan")
+            return out
+
+    with pytest.raises(CacheError, match=r"image tower broken gave non-finite features for 1 of 6 images of bmp .*1\.bmp"):
+        FeatureCache(tmp_path / "cache", progress=False).features(Broken(), ds)
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
+# -- datasets --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("classes, counts", [(("Faces", "pizza"), "1 base and 1 new"),
+                                             (("Faces", "pizza", "Leopards"), "2 base and 1 new")])
+def test_a_base_new_split_with_fewer_than_2_classes_on_a_side_is_refused(tmp_path, classes, counts):
+    from gram_plugin.data import image_folder as load_folder, subsample_classes
+
+    ds = load_folder(image_folder(tmp_path, classes=classes))
+    for part in ("base", "new"):
+        with pytest.raises(DataError, match=f"its {len(classes)} classes split into {counts}; base-to-new evaluation "
+                                            "needs at least 2 classes on each side"):
+            subsample_classes(ds, part)
+
+
+def _imagenet_layout(tmp_path, lines: bytes, folders: dict) -> Path:
+    root = tmp_path / "inet"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "classnames.txt").write_bytes(lines)
+    sources = sorted(PACKAGE_IMAGES.iterdir())
+    for k, (wnid, n) in enumerate(folders.items()):
+        (root / "images" / "train" / wnid).mkdir()
+        for p in sorted(sources[k % len(sources)].iterdir())[:n]:
+            shutil.copy(p, root / "images" / "train" / wnid / p.name)
+    return root
+
+
+def test_imagenet_layout_leaves_out_empty_class_folders_and_nameless_classes(tmp_path):
+    from gram_plugin.data import imagenet
+
+    root = _imagenet_layout(tmp_path, b"n1 ant\nn2 bee\nn3\nn4 cat\nn5 dog\nn6   \n",
+                            {"n1": 2, "n2": 2, "n3": 2, "n4": 0, "n5": 2, "n6": 2})
+    with pytest.warns(UserWarning) as record:
+        ds = imagenet(root)
+    text = " | ".join(str(w.message) for w in record)
+    assert "1 class folders hold no images and are left out: ['n4']" in text
+    assert "gives no name for 2 classes, left out: ['n3', 'n6']" in text
+    assert ds.classnames == ["ant", "bee", "dog"] and len(ds) == 6
+
+
+def test_image_folder_leaves_out_nameless_classes(tmp_path):
+    from gram_plugin.data import image_folder as load_folder
+
+    root = image_folder(tmp_path, classes=("Faces", "pizza"))
+    shutil.copytree(root / "pizza", root / "__")
+    with pytest.warns(UserWarning, match=r"class folders whose name is empty once '_' become spaces are left out: \['__'\]"):
+        ds = load_folder(root)
+    assert ds.classnames == ["Faces", "pizza"] and len(ds) == 8
+
+
+def test_a_non_utf8_classnames_txt_is_named(tmp_path, capsys):
+    root = _imagenet_layout(tmp_path, "n1 caf\xe9\nn2 bee\n".encode("latin-1"), {"n1": 2, "n2": 2})
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--data", f"imagenet:{root}")
+    assert rc == 2 and f"{root / 'classnames.txt'} is not UTF-8 text" in err and "line 1" in err, err
+
+
+@pytest.mark.parametrize("spec", ["folder:", "caltech101:", "imagenet:", "folder:  "])
+def test_an_empty_data_root_is_refused(tmp_path, capsys, monkeypatch, spec):
+    monkeypatch.chdir(image_folder(tmp_path))  # the current folder is a valid image folder: it must not be used
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--data", spec)
+    assert rc == 2 and f"{spec!r} names no folder after the ':'" in err and "$DATA" in err, err
+    assert not (tmp_path / "t").exists()
+
+
+# -- an init's regulator is checked before anything is allocated or written -----------------------------
+def _regulator_init(src: Path, dst: Path, case: str) -> Path:
+    init = PromptInit.load(src)
+    rc = dict(init.regulator_config)
+    if case == "30000-wide head":
+        rc["shapes"] = {"ctx": [4, 30000]}
+    elif case == "head for no prompt":
+        rc["shapes"] = {**rc["shapes"], "other": [4, 32]}
+    elif case == "rank not a number":
+        rc["rank"] = "two"
+    elif case == "tensor of another shape":
+        key = next(k for k in init.regulator_state if k.endswith("gamma.weight"))
+        init.regulator_state[key] = torch.zeros(8, 8)
+    elif case == "tensor missing":
+        key = next(k for k in init.regulator_state if k.endswith("beta.bias"))
+        del init.regulator_state[key]
+    elif case == "no config":
+        rc = None
+    init.metadata["regulator_config"] = rc
+    if rc is None:
+        del init.metadata["regulator_config"]
+    return init.save(dst)
+
+
+REGULATOR_CASES = ["30000-wide head", "head for no prompt", "rank not a number", "tensor of another shape",
+                   "tensor missing", "no config"]
+
+
+@pytest.mark.parametrize("case", REGULATOR_CASES)
+def test_an_init_whose_regulator_does_not_fit_is_refused_before_anything_is_allocated(tmp_path, trained, monkeypatch,
+                                                                                      case):
+    import gram_plugin.regulator as regulator_module
+
+    built = []
+    real_head = regulator_module._Head.__init__
+
+    def spy(self, width, *a, **k):
+        built.append((width, torch.empty(0).device.type))
+        real_head(self, width, *a, **k)
+
+    monkeypatch.setattr(regulator_module._Head, "__init__", spy)
+    bad = _regulator_init(trained / "m" / "init.safetensors", tmp_path / "bad.safetensors", case)
+    with pytest.raises(PromptInitError, match="regulator") as e:
+        GradientRegulator.from_init(_unchecked(bad))  # what an API caller may build, past PromptInit.load's checks
+    assert not [w for w, device in built if device != "meta"], built  # checked on the meta device: nothing allocated
+    if case in ("30000-wide head", "head for no prompt", "no config"):  # the file's own metadata says it
+        with pytest.raises(PromptInitError, match=f"init file {re.escape(str(bad))} has a regulator that does not fit"):
+            PromptInit.load(bad)
+    else:
+        with pytest.raises(PromptInitError, match=f"init file {re.escape(str(bad))}: its regulator does not fit"):
+            GradientRegulator.from_init(PromptInit.load(bad))
+    assert str(e.value).count("regulator") >= 1
+
+
+def _unchecked(path):
+    """The init as the file holds it, past PromptInit.load's checks."""
+    tensors, meta = load_tensors(path)
+    prompts = {n: tensors[n] for n in meta["names"]}
+    reg = {k[len("regulator."):]: v for k, v in tensors.items() if k.startswith("regulator.")}
+    md = {k: v for k, v in meta.items() if k in ("regulator_config", "mode", "backbone")}
+    return PromptInit(prompts, md, reg)
+
+
+# -- oversized images ---------------------------------------------------------------------------------
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (a decompression bomb: no pixels need decoding to see it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_oversized_image_is_named_and_can_be_skipped(tmp_path, capsys):
+    root = image_folder(tmp_path)
+    bomb = _png_header_only(root / "pizza" / "bomb.png", 20000, 20000)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "a", *FAST, "--data", f"folder:{root}")
+    assert rc == 2 and f"cannot read image {bomb}" in err and "400,000,000 pixels" in err and "--skip-unreadable" in err, err
+    assert "Traceback" not in err
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "b", *FAST, "--data", f"folder:{root}", "--skip-unreadable")
+    assert rc == 0, err
+    assert "left out 1 unreadable images (--skip-unreadable)" in (tmp_path / "b" / "log.txt").read_text()
+
+
+# -- the gradient hook ----------------------------------------------------------------------------------
+def test_a_second_gradient_hook_on_the_same_parameters_is_refused():
+    from gram_plugin import install_gradient_transform, regulate
+
+    p = torch.nn.Parameter(torch.ones(1, 4))
+    q = torch.nn.Parameter(torch.ones(1, 4))
+    opt = torch.optim.SGD([p, q], lr=1.0)
+    reg = GradientRegulator({"p": (1, 4)}, init_gain=0.5)
+    hook = install_gradient_transform(opt, {"p": p}, regulate(reg))
+    with pytest.raises(ValueError, match=r"a gradient transform is already installed on this optimiser for \['p'\]"):
+        install_gradient_transform(opt, {"p": p, "q": q}, regulate(reg))
+    install_gradient_transform(opt, {"q": q}, clip_meta(1.0))  # other parameters: fine
+    p.sum().backward()
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((1, 4), 0.5))  # regulated once, not twice
+    hook.remove()
+    install_gradient_transform(opt, {"p": p}, regulate(reg))  # removed: may be installed again
+
+
+# -- artefacts respect the umask --------------------------------------------------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_artefacts_respect_the_umask(tmp_path, umask, mode):
+    from gram_plugin.safeio import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {})
+        atomic_write_text(tmp_path / "x.txt", "hi")
+        assert main(["meta-train", "--out", str(tmp_path / "m"), *BASE, *META]) == 0
+    finally:
+        os.umask(old)
+    files = [tmp_path / "x.safetensors", tmp_path / "x.txt"]
+    files += [p for p in (tmp_path / "m").rglob("*") if p.is_file() and p.name != ".lock"]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(mode)}, modes
+
+
+# -- errors name their file or flag -------------------------------------------------------------------------
+def test_metadata_nested_100000_deep_is_named(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "deep.safetensors"
+    save_file({"ctx": torch.zeros(4, 32)}, str(path), metadata={"gram_plugin": "[" * 100_000 + "]" * 100_000})
+    rc, err = cli(capsys, "inspect", path)
+    assert rc == 2 and f"init file {path} has corrupt gram-plugin metadata" in err and "nested" in err, err
+    with pytest.raises(PromptInitError, match="nested"):
+        PromptInit.load(path)
+
+
+@pytest.mark.parametrize("command", ["tune", "meta-train"])
+def test_a_seed_out_of_range_names_the_flag(tmp_path, capsys, command):
+    rc, err = cli(capsys, command, "--out", tmp_path / "t", *BASE, "--seed", 10 ** 23)
+    assert rc == 2 and "--seed must be an integer in [0, 2**63)" in err and "100000000000000000000000" in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_an_empty_task_is_named_not_blamed_on_a_non_finite_loss():
+    from test_meta_training import ShiftedRegression, mse
+
+    tr = MetaPromptTrainer(mse, {"w": torch.zeros(1, 8)}, config=MetaConfig(steps=2, progress=False))
+    with pytest.raises(MetaTrainingError, match="outer step 1: task 0 of the meta-batch has an empty support set") as e:
+        tr.fit(ShiftedRegression(n_support=0))
+    assert "non-finite" not in str(e.value)
