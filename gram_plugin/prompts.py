@@ -141,9 +141,10 @@ def regulator_config_problems(config: Any, prompts: Mapping[str, torch.Tensor], 
     """Every way an init's ``regulator_config`` disagrees with the prompt tensors it regulates (checked before
     any regulator is built: a config claiming a 30000-wide head would otherwise allocate gigabytes).
 
-    Each head must be for one of the prompt tensors and as wide as it (the regulator acts on the last
-    dimension); a config needs regulator tensors and regulator tensors need a config. The option values
-    and the tensors' own layout are checked by ``GradientRegulator.init_problems``.
+    A head for one of the file's prompt tensors must be as wide as it (the regulator acts on the last
+    dimension; a head for another name is the applying code's business: ``wrap`` renames and checks it);
+    regulator tensors need a config. The option values and the tensors' own layout against the config
+    are checked by ``GradientRegulator.init_problems``.
     """
     if config is None:
         return ["it holds regulator tensors but no 'regulator_config' to build the regulator from"] if regulator_state else []
@@ -158,9 +159,7 @@ def regulator_config_problems(config: Any, prompts: Mapping[str, torch.Tensor], 
             isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
         if not ok:
             problems.append(f"regulator head {name!r}: its shape must be a list of positive integers, got {shape!r}")
-        elif name not in prompts:
-            problems.append(f"regulator head {name!r} is for no prompt tensor of the file (it has {list(prompts)})")
-        elif prompts[name].dim() == 0 or shape[-1] != prompts[name].shape[-1]:
+        elif name in prompts and (prompts[name].dim() == 0 or shape[-1] != prompts[name].shape[-1]):
             problems.append(f"regulator head {name!r} is {shape[-1]} wide (shape {list(shape)}), the prompt {name} "
                             f"is {tuple(prompts[name].shape)}")
     return problems
