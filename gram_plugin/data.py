@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,9 +450,20 @@ def extract_archive(archive: str, data_dir: str | os.PathLike | None = None,
     dest = data_cache_dir(cache_dir) / archive.replace(".tar", "")
     marker = dest / ".extracted"
     if not marker.exists():
+        fresh = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(src) as tf:
-            tf.extractall(dest, filter="data")
+        try:
+            with tarfile.open(src) as tf:
+                tf.extractall(dest, filter="data")  # refuses ../ paths, absolute paths, links out, devices
+        except BaseException as e:
+            if fresh:  # a half-extracted folder without its marker would be extracted again anyway
+                shutil.rmtree(dest, ignore_errors=True)
+            if isinstance(e, tarfile.FilterError):
+                raise DataError(f"archive {src} is unsafe (a member would land outside its folder, or is a link or "
+                                f"device): {e}; nothing was written outside {dest}") from None
+            if isinstance(e, tarfile.TarError):
+                raise DataError(f"archive {src} is damaged or not a tar file: {e}") from None
+            raise
         marker.touch()
     return dest
 

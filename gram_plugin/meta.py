@@ -37,7 +37,8 @@ from .safeio import CheckpointError, keep_previous, load_tensors, locked_dir, sa
 from .tasks import Task, TaskSource
 from .transforms import clip_meta, global_norm
 
-__all__ = ["MetaConfig", "MetaPromptTrainer", "MetaTrainingError", "module_loss", "LossFn", "CHECKPOINT_NAME"]
+__all__ = ["MetaConfig", "MetaPromptTrainer", "MetaTrainingError", "MetaTrainingInterrupted", "module_loss", "LossFn",
+           "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.safetensors"  # the one before, kept as a fallback
@@ -65,6 +66,11 @@ def _batch_size(batch: Any) -> int | None:
 
 class MetaTrainingError(GramPluginError, RuntimeError):
     """Meta-training cannot go on (non-finite gradients with on_nonfinite='raise', bad run folder, ...)."""
+
+
+class MetaTrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped meta-training after the outer step in progress; where the run has a
+    ``run_dir`` a checkpoint of that step was saved first, so ``fit(resume=True)`` continues exactly."""
 
 
 @dataclass
@@ -177,6 +183,7 @@ class MetaPromptTrainer:
         self.skipped_steps: list[int] = []
         self.history: list[dict] = []
         self._last_tasks: list[Task] = []  # the last meta-batch: the final update is checked on it
+        self._stop_requested = False  # set by Ctrl-C during fit: stop after the step in progress
 
     # -- the algorithm, through the meta-step --------------------------------------------------
     def adapt(self, params: Mapping[str, torch.Tensor], support: Any, steps: int | None = None,
@@ -336,7 +343,8 @@ class MetaPromptTrainer:
             if bad:
                 raise MetaTrainingError(f"the prompt init holds non-finite values (NaN or Inf) in {bad}: "
                                         "meta-training cannot start from it")
-            self._loop(source, total, rank, callback)
+            with self._stop_on_interrupt():
+                self._loop(source, total, rank, callback)
             if self.skipped_steps and len(self.skipped_steps) >= self.step:
                 raise MetaTrainingError(
                     f"all {self.step} outer steps were non-finite and skipped: nothing was learned "
@@ -349,6 +357,8 @@ class MetaPromptTrainer:
     def _loop(self, source: TaskSource, total: int, rank: int, callback) -> None:
         cfg = self.config
         logger = _RunLogger(self.run_dir, self.tensorboard, resume_step=self.step) if (self.run_dir and rank == 0) else None
+        if logger is not None and self.step and not self.history:
+            self.history = logger.previous_records()  # a resumed run's history is the whole run's, not this call's
         bar = None
         if cfg.progress and rank == 0:
             from tqdm.auto import tqdm
@@ -369,11 +379,46 @@ class MetaPromptTrainer:
                     bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
                 if self.run_dir is not None and rank == 0 and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self._stop_requested:
+                    self._stop(rank)
         finally:
             if bar is not None:
                 bar.close()
             if logger is not None:
                 logger.close()
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self):
+        """While the loop runs, a first Ctrl-C asks it to stop after the step in progress (a checkpoint is
+        saved); a second one stops at once. Only in the main thread of a single process (signals go to the
+        main thread; ranks of a distributed run could stop at different steps)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or _dist_info()[1] > 1:
+            yield
+            return
+        self._stop_requested = False
+
+        def request_stop(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt  # asked twice: do not wait for the step
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _stop(self, rank: int) -> None:
+        where = "nothing was saved (no run_dir)"
+        if self.run_dir is not None and rank == 0:
+            if self._nonfinite_state():
+                where = "no checkpoint saved (the prompts are not finite)"
+            else:
+                where = f"checkpoint {self.save_checkpoint()} saved; resume continues from it exactly"
+        raise MetaTrainingInterrupted(f"meta-training interrupted after outer step {self.step}: {where}")
 
     @torch.no_grad()
     def _check_last_update(self) -> None:
@@ -595,6 +640,7 @@ class _RunLogger:
         if self.path.exists() and resume_step > 0:
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.previous = rows
         self.fields: list[str] | None = list(rows[0].keys()) if rows else None
         self.file = open(self.path, "w", newline="")
         self.writer = None
@@ -607,6 +653,18 @@ class _RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def previous_records(self) -> list[dict]:
+        """The rows kept from before a resume, as the records ``outer_step`` returned (numbers, not text)."""
+        out = []
+        for row in self.previous:
+            rec = {}
+            for k, v in row.items():
+                if v in (None, ""):
+                    continue
+                rec[k] = int(v) if k in ("step", "skipped") else float(v)
+            out.append(rec)
+        return out
 
     def write(self, record: dict) -> None:
         if self.writer is None:

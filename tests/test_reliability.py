@@ -979,3 +979,77 @@ def test_an_empty_task_is_named_not_blamed_on_a_non_finite_loss():
     with pytest.raises(MetaTrainingError, match="outer step 1: task 0 of the meta-batch has an empty support set") as e:
         tr.fit(ShiftedRegression(n_support=0))
     assert "non-finite" not in str(e.value)
+
+
+# -- archives and caption files are named when they are unsafe or unreadable --------------------------------
+def test_build_proxy_with_a_tar_reaching_outside_its_folder_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    import io
+    import tarfile
+
+    data = tmp_path / "shared"
+    data.mkdir()
+    with tarfile.open(data / "caltech-101.tar", "w") as tf:
+        for name, payload in (("caltech-101/ok.txt", b"fine"), ("../../escaped.txt", b"evil")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    monkeypatch.setenv("GRAM_DATA_CACHE", str(tmp_path / "cache" / "data"))
+    rc, err = cli(capsys, "build-proxy", "--data", data, "--out", tmp_path / "proxy")
+    assert rc == 2 and f"archive {data / 'caltech-101.tar'} is unsafe" in err and "../../escaped.txt" in err, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "cache" / "data" / "caltech-101").exists()  # nothing half-extracted left to trust
+
+
+@pytest.mark.parametrize("case", ["latin-1 captions", "gz that is not gzip", "truncated gz"])
+def test_a_captions_file_that_cannot_be_read_is_named(tmp_path, capsys, case):
+    if case == "latin-1 captions":
+        path = tmp_path / "captions.txt"
+        path.write_bytes("img1.jpg#0\tun caf\xe9 en terrasse\n".encode("latin-1"))
+        message = "is not UTF-8 text"
+    elif case == "gz that is not gzip":
+        path = tmp_path / "captions.txt.gz"
+        path.write_text("img1.jpg#0\ta dog runs\n")
+        message = "is not a gzip file"
+    else:
+        path = tmp_path / "captions.txt.gz"
+        path.write_bytes(gzip.compress(b"img1.jpg#0\ta dog runs\n" * 200)[:60])
+        message = "is not a gzip file"
+    rc, err = cli(capsys, "chc", "--captions", path, "--out", tmp_path / "h.json", "--quiet")
+    assert rc == 2 and f"captions file {path} {message}" in err, err
+    assert "Traceback" not in err and not (tmp_path / "h.json").exists()
+
+
+# -- resume keeps the whole history; Ctrl-C saves a resumable checkpoint (API; the CLI's tests are below) ----
+def test_a_resumed_run_keeps_the_whole_history(tmp_path):
+    _, ref = _checkpointed_run(tmp_path / "ref", 4)
+    ref_losses = [r["meta_loss"] for r in _checkpointed_run(tmp_path / "ref2", 4)[0].history]
+    _checkpointed_run(tmp_path / "cut", 2)
+    tr, _ = _checkpointed_run(tmp_path / "cut", 4)  # mid-run resume: steps 3 and 4 run here
+    assert [r["step"] for r in tr.history] == [1, 2, 3, 4]
+    assert [r["meta_loss"] for r in tr.history] == pytest.approx(ref_losses, rel=1e-6)
+    done, _ = _checkpointed_run(tmp_path / "cut", 4)  # a finished run resumed: nothing runs
+    assert [r["step"] for r in done.history] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_in_meta_training_saves_a_resumable_checkpoint(tmp_path):
+    from test_meta_training import ShiftedRegression, mse
+
+    from gram_plugin.meta import MetaTrainingInterrupted
+
+    _, ref = _checkpointed_run(tmp_path / "ref", 4)
+    cfg = MetaConfig(inner_lr=0.05, inner_steps=1, outer_lr=0.05, meta_batch_size=2, steps=4, seed=1,
+                     checkpoint_every=0, progress=False)  # no periodic checkpoint: the interrupt writes it
+    tr = MetaPromptTrainer(mse, {"w": torch.zeros(1, 8)}, regulator=GradientRegulator({"w": (1, 8)}), config=cfg,
+                           run_dir=tmp_path / "cut")
+
+    def ctrl_c_at_step_2(record):
+        if record["step"] == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(MetaTrainingInterrupted, match=r"interrupted after outer step 2: checkpoint \S+ saved"):
+        tr.fit(ShiftedRegression(), callback=ctrl_c_at_step_2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert load_tensors(tmp_path / "cut" / CHECKPOINT_NAME)[1]["step"] == 2
+    _, got = _checkpointed_run(tmp_path / "cut", 4)
+    assert torch.equal(got.tensors["w"], ref.tensors["w"])

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,17 @@ def read_captions(path: str | os.PathLike) -> tuple[list[str], list[str] | None]
     path = Path(path)
     if not path.is_file():
         raise CHCError(f"captions file {path} does not exist")
+    try:
+        return _read_captions(path)
+    except UnicodeDecodeError as e:
+        raise CHCError(f"captions file {path} is not UTF-8 text ({e.reason} at byte {e.start} of a block: "
+                       f"{e.object[max(0, e.start - 20):e.end + 20]!r}); save it as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz name on plain text, or a cut-off download
+        raise CHCError(f"captions file {path} is not a gzip file, or a truncated one ({e}); "
+                       "name a plain text file without .gz") from None
+
+
+def _read_captions(path: Path) -> tuple[list[str], list[str] | None]:
     opener = gzip.open if path.suffix == ".gz" else open
     captions: list[str] = []
     ids: list[str] = []
