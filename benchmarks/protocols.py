@@ -66,11 +66,14 @@ def new_model(backbone, seed):
     return PromptedCLIP(backbone, mode="coop", n_ctx=len(CTX_INIT.split()), ctx_init=CTX_INIT, seed=seed)
 
 
-def meta_train(backbone, source, args, seed, regulator: bool):
+def meta_train(backbone, source, args, seed, regulator: bool, track_alignment: bool | None = None):
+    """Meta-train MAML-clip (``regulator=False``) or GRAM from "a photo of a"; (init, history, seconds).
+    ``track_alignment`` (default: with the regulator) logs GRAM Fig. 3b's cosines at one more backward per task."""
     model = new_model(backbone, seed)
     cfg = MetaConfig(inner_lr=args.inner_lr, inner_steps=args.inner_steps, outer_lr=args.outer_lr,
                      regulator_lr=args.regulator_lr, meta_batch_size=args.meta_batch, steps=args.meta_steps,
-                     clip_gamma=5.0, seed=seed, track_alignment=regulator, first_order=args.first_order,
+                     clip_gamma=5.0, seed=seed, track_alignment=regulator if track_alignment is None else track_alignment,
+                     first_order=args.first_order,
                      progress=not args.quiet)
     reg = GradientRegulator.for_module(model, scale=args.regulator_scale) if regulator else None
     trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg, metadata=model.config())
@@ -135,8 +138,9 @@ def header(results, args, seconds) -> list[str]:
             "two-sided at 5 seeds), and on how many seeds the method is above CoOp.", ""]
 
 
-def report(results, args, seconds) -> str:
-    lines = header(results, args, seconds)
+def report(results, args, seconds, methods=METHODS, header_lines=None) -> str:
+    """The markdown tables of ``results`` for the rows ``methods`` (a row a setting lacks is left out)."""
+    lines = header(results, args, seconds) if header_lines is None else list(header_lines)
     for target in args.targets:
         for shots in args.shots:
             rows = results["base2new"].get(target, {}).get(str(shots))
@@ -146,20 +150,22 @@ def report(results, args, seconds) -> str:
             fin = rows["final"]
             lines += [f"## Base-to-new: {target}, {shots} shots" + (f" (capped at {eff})" if eff != shots else ""), "",
                       "| method | base | new | H | new vs CoOp (paired) | H vs CoOp (paired) |", "|---|---|---|---|---|---|"]
-            for m in METHODS:
+            for m in (m for m in methods if m in fin):
                 r = fin[m]
-                diff = ("-", "-") if m == "CoOp" else (paired(r["new"], fin["CoOp"]["new"]), paired(r["H"], fin["CoOp"]["H"]))
+                diff = ("-", "-") if m == "CoOp" or "CoOp" not in fin else (paired(r["new"], fin["CoOp"]["new"]),
+                                                                            paired(r["H"], fin["CoOp"]["H"]))
                 lines.append(f"| {m} | {fmt(r['base'])} | {fmt(r['new'])} | {fmt(r['H'])} | {diff[0]} | {diff[1]} |")
             lines.append("")
     cross = results["cross"]
-    if cross["acc"]["CoOp"][cross["targets"][0]]:
+    if any(cross["acc"][m][cross["targets"][0]] for m in cross["acc"]):
         lines += [f"## Cross-dataset: tuned on {cross['source']} base ({cross['shots']} shots), zero-shot elsewhere", "",
                   "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
-        for m in METHODS:
+        methods = [m for m in methods if cross["acc"].get(m, {}).get(cross["targets"][0])]  # rows run there
+        for m in methods:
             lines.append(f"| {m} | " + " | ".join(fmt(cross["acc"][m][t]) for t in cross["targets"]) + " |")
         lines += ["", "Paired difference to CoOp (points):", "",
                   "| method | " + " | ".join(cross["targets"]) + " |", "|---" * (len(cross["targets"]) + 1) + "|"]
-        for m in METHODS:
+        for m in methods if "CoOp" in cross["acc"] else []:
             if m != "CoOp":
                 lines.append(f"| {m} | " + " | ".join(paired(cross["acc"][m][t], cross["acc"]["CoOp"][t])
                                                       for t in cross["targets"]) + " |")
@@ -256,8 +262,9 @@ def merge_results(parts: list[dict]) -> dict:
         out["seeds_done"] += r["seeds_done"]
         out["alignment_history"] += r["alignment_history"]
         out["seed_seconds"].update(r["seed_seconds"])
-        for key, secs in r["meta_seconds"].items():
-            out["meta_seconds"].setdefault(key, []).extend(secs)
+        for field in ("meta_seconds", "meta_loss", "diagnostics"):  # per-seed lists by init (meta_loss: corpus_eval.py)
+            for key, vals in r.get(field, {}).items():
+                out.setdefault(field, {}).setdefault(key, []).extend(vals)
         for target, by_shots in r["base2new"].items():
             for shots, slot in by_shots.items():
                 dst = out["base2new"][target][shots]
