@@ -16,7 +16,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gram_plugin", "gram_plugin.chc", "gram_plugin.cli", "gram_plugin.adapters", "gram_plugin.adapters.trainers"],
+    packages=["gram_plugin", "gram_plugin.backbones", "gram_plugin.chc", "gram_plugin.cli", "gram_plugin.adapters", "gram_plugin.adapters.trainers"],
     package_dir={"gram_plugin": "gram_plugin", "gram_plugin.adapters": "adapters",
                  "gram_plugin.adapters.trainers": "adapters/trainers"},
     package_data={"gram_plugin": ["assets/*", "assets/**/*", "configs/*.yaml"]},

@@ -87,7 +87,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from gram_plugin.proxy_v2 import ProxyCLIPv2
+    from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2
 
     load0, t_start = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime())
     bb = ProxyCLIPv2()

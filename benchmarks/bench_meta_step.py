@@ -197,9 +197,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.text_path == "openclip":
-        import gram_plugin.backbones as backbones
+        import gram_plugin.backbones.openclip as openclip
 
-        backbones._plain_attention_blocks = lambda transformer: False  # never the sequence-first loop
+        openclip._plain_attention_blocks = lambda transformer: False  # never the sequence-first loop
     if args.memory_of:
         print(json.dumps({"peak_bytes": measure_memory(args)}))
         return 0

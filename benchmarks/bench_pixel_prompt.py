@@ -30,7 +30,7 @@ from gram_plugin.cache import FeatureCache
 from gram_plugin.data import NWayKShotTasks, benchmark_sets, few_shot
 from gram_plugin.finetune import tune
 from gram_plugin.models import PromptedCLIP
-from gram_plugin.proxy_v2 import ProxyCLIPv2
+from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2
 
 
 def meta_step_seconds(backbone, mode, train, first_order, steps) -> tuple[float, float]:

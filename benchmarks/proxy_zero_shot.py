@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gram_plugin.cache import FeatureCache
-from gram_plugin.proxy_v2 import ProxyCLIPv2, imagenet_classnames
+from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2, imagenet_classnames
 from gram_plugin import data as D
 
 

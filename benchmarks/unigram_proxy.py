@@ -43,7 +43,7 @@ from gram_plugin.cache import FeatureCache  # noqa: E402
 from gram_plugin.data import NWayKShotTasks, benchmark_sets, few_shot  # noqa: E402
 from gram_plugin.finetune import evaluate, evaluate_base_new, tune  # noqa: E402
 from gram_plugin.models import PromptedCLIP  # noqa: E402
-from gram_plugin.proxy_v2 import ProxyCLIPv2  # noqa: E402
+from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2  # noqa: E402
 
 METHODS = ("zero-shot", "CoOp", "CoOp+GRAM", "CoOp+VP", "UNIGRAM")
 PIXEL_METHODS = ("CoOp+VP", "UNIGRAM")  # images through the tower at every step

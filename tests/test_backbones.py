@@ -52,7 +52,7 @@ def _check_truncated_text_path():
 
 
 def test_text_blocks_run_sequence_first_unless_they_are_not_the_standard_ones():
-    from gram_plugin.backbones import _plain_attention_blocks
+    from gram_plugin.backbones.openclip import _plain_attention_blocks
 
     bb = tiny_openclip(0)
     assert _plain_attention_blocks(bb.clip.transformer)

@@ -118,3 +118,8 @@ def test_a_bug_keeps_its_traceback_an_error_of_gram_plugin_is_one_line(tmp_path,
     assert err == "gram-plugin: error: class 'pizza' has 1 image\n"
     with pytest.raises(DataError):  # --debug: the traceback of the same error
         main([*argv, "--out", str(tmp_path / "debug"), "--debug"])
+
+
+def test_build_proxy_names_its_new_home(capsys):
+    assert main(["build-proxy", "--out", "x"]) == 2
+    assert "python tools/build_proxy.py --out DIR" in capsys.readouterr().err

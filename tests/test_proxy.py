@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import DATA_CACHE, SHARED_DATA
-from gram_plugin import proxy
-from gram_plugin.proxy import ProxyCLIP, ProxyError, load_proxy
-from gram_plugin.proxy_build import BuildConfig, build
+from gram_plugin.backbones import proxy
+from gram_plugin.backbones.proxy import ProxyCLIP, ProxyError, load_proxy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the build script of the checkout
+from build_proxy import BuildConfig, build  # noqa: E402
 
 
 @pytest.fixture(scope="module")

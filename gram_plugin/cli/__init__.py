@@ -1,4 +1,4 @@
-"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo (+ chc, build-proxy).
+"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo (+ chc).
 
 One module per command (``demo``, ``meta_train`` with its Dassl path in ``dassl``, ``tune``, ``eval``,
 ``inspect``), each adding its own parser; what they share: ``options`` (flags, the CLI's config
@@ -32,7 +32,10 @@ __all__ = ["main", "build_parser", "parse", "plan", "Plan", "Run", "CLIError", "
 
 # commands with their own parser: name -> module with cli_main(argv). The corpus workstream moves chc's
 # parser into this package (a module here, added to parser.COMMANDS) and drops it from this table.
-OWN_PARSER = {"chc": "gram_plugin.chc", "build-proxy": "gram_plugin.proxy_build"}
+OWN_PARSER = {"chc": "gram_plugin.chc"}
+# commands that left the installed package -> where they live now
+MOVED = {"build-proxy": "build-proxy is a build script of the checkout now: python tools/build_proxy.py --out DIR "
+                        "(from a gram-plugin checkout; the build it makes by default ships in gram_plugin/assets/proxy)"}
 
 
 def _dispatch(module: str, argv: list[str]) -> int:
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        if argv and argv[0] in MOVED:
+            raise CLIError(MOVED[argv[0]])
         if argv and argv[0] in OWN_PARSER:
             return _dispatch(OWN_PARSER[argv[0]], [a for a in argv[1:] if a != "--debug"])
         args = parse(argv)

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import BackboneLoadError
+from ..safeio import CacheError, file_sha256, load_tensors, save_tensors
+from .base import BackboneLoadError
 from .proxy import TEMPLATES, MiniLMTextCLIP, default_cache_dir, minilm_dir
-from .safeio import CacheError, file_sha256, load_tensors, save_tensors
 
 EXTRA = "pip install 'gram-plugin[proxy]'"
 IMAGE_SIZE = 224

@@ -1,4 +1,9 @@
-"""Build the earlier proxy CLIP (v1): train its small CNN image tower on base classes (``gram-plugin build-proxy``).
+"""Build the earlier proxy CLIP (v1): train its small CNN image tower on base classes.
+
+A build script of the checkout, not part of the installed package::
+
+    python tools/build_proxy.py --out DIR      # BuildConfig() defaults: the build shipped in gram_plugin/assets/proxy
+
 
 The image tower is trained LiT-style against the locked MiniLM text tower: each class's caption set
 ("a photo of a {c}." and three more templates) is embedded once and averaged, and the CNN is
@@ -28,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from .proxy import TEMPLATES, ProxyCLIP, ProxyError, default_cache_dir, pil_to_tensor
-from .safeio import atomic_write_text, save_tensors
+from gram_plugin import data as D
+from gram_plugin.backbones.proxy import TEMPLATES, ProxyCLIP, ProxyError, default_cache_dir, pil_to_tensor
+from gram_plugin.safeio import atomic_write_text, save_tensors
 
 
 @dataclass
@@ -260,7 +265,7 @@ def ensure_proxy(cfg: BuildConfig | None = None, out_dir: Path | None = None, fo
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gram-plugin build-proxy",
+    p = argparse.ArgumentParser(prog="python tools/build_proxy.py",
                                 description="Build (or reuse) the offline MiniLM + CNN proxy CLIP.")
     d = BuildConfig()
     p.add_argument("--out", type=Path, default=None, help="output folder (default: cache keyed by config)")

@@ -1,6 +1,7 @@
-"""Rebuild the embedded default dataset (gram_plugin/assets/caltech10) from ../shared/data/caltech-101.tar.
+"""Rebuild the embedded default dataset (gram_plugin/assets/caltech10) from ../shared/data/caltech-101.tar
+(a build script of the checkout, not part of the installed package):
 
-    python3 gram_plugin/assets/make_embedded.py /path/to/extracted/caltech-101/101_ObjectCategories
+    python3 tools/make_embedded.py /path/to/extracted/caltech-101/101_ObjectCategories
 
 10 Caltech101 classes x 24 images (the first 24 file names of each class, sorted), resized so the
 longer side is 64 px, JPEG quality 85. Licence of the source images: CC BY 4.0 (Caltech101).
@@ -19,7 +20,7 @@ SIZE = 64
 
 def main(src: str) -> None:
     src_root = Path(src)
-    out = Path(__file__).parent / "caltech10"
+    out = Path(__file__).resolve().parents[1] / "gram_plugin" / "assets" / "caltech10"  # package data
     manifest = {"source": "Caltech101 (CC BY 4.0), ../shared/data/caltech-101.tar", "longer_side_px": SIZE, "files": {}}
     for c in CLASSES:
         files = sorted(p for p in (src_root / c).iterdir() if p.suffix.lower() == ".jpg")[:PER_CLASS]

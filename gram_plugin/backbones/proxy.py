@@ -11,7 +11,7 @@ Backbone protocol is used (gram_plugin/backbones.py lists every backbone):
   CoOp placeholder trick: ``"X X X X {classname}."`` is ``[CLS] x x x x <class wordpieces> . [SEP]``
   in BERT wordpiece, so the n_ctx placeholders sit right after the start token as the protocol expects.
 * image tower (v1, ``ProxyCLIP``): a small CNN (32 px input by default) trained LiT-style on the base
-  classes of Caltech101 and ImageNet-mini by ``gram-plugin build-proxy`` (gram_plugin/proxy_build.py);
+  classes of Caltech101 and ImageNet-mini by ``python tools/build_proxy.py`` (a build script of the checkout);
   the default build ships in ``gram_plugin/assets/proxy`` and ``load_proxy`` loads it. Its zero-shot
   transfer to new classes is near chance (benchmarks/PROXY.md); the default backbone is v2
   (gram_plugin/proxy_v2.py), which shares the text tower (``MiniLMTextCLIP``).
@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import GramPluginError
-from .safeio import load_tensors
+from ..errors import GramPluginError
+from ..safeio import load_tensors
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -212,7 +212,7 @@ def pil_to_tensor(img, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-EMBEDDED_DIR = Path(__file__).parent / "assets" / "proxy"  # the build shipped with the package (1.4 MB)
+EMBEDDED_DIR = Path(__file__).parents[1] / "assets" / "proxy"  # the build shipped with the package (1.4 MB)
 
 
 def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
@@ -225,7 +225,7 @@ def load_proxy(path: str | Path | None = None) -> ProxyCLIP:
     path = Path(path) if path is not None else EMBEDDED_DIR
     card_path, w_path = path / "card.json", path / "proxy.safetensors"
     if not card_path.exists() or not w_path.exists():
-        raise ProxyError(f"no built proxy at {path}; build one with `gram-plugin build-proxy --out {path}`")
+        raise ProxyError(f"no built proxy at {path}; build one from a gram-plugin checkout with `python tools/build_proxy.py --out {path}`")
     card = json.loads(card_path.read_text())
     cfg = card["config"]
     model = ProxyCLIP(cfg["image_size"], cfg["widths"], weights_tag=card["weights_sha256"][:16])

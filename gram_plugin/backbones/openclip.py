@@ -1,4 +1,4 @@
-"""Frozen CLIP backbones behind one small protocol, so prompted models are backbone-agnostic.
+"""open_clip CLIPs as backbones (:class:`~gram_plugin.backbones.base.Backbone`).
 
 ``OpenCLIPBackbone`` wraps any open_clip CLIP: built from a model name with a ``pretrained=`` tag
 (needs internet the first time), from a local weights file, or from a model object you already have.
@@ -11,35 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GramPluginError
-from .safeio import file_sha256
-
-
-class BackboneLoadError(GramPluginError, RuntimeError):
-    """The requested CLIP weights could not be loaded."""
-
-
-@runtime_checkable
-class Backbone(Protocol):
-    name: str
-    ctx_dim: int
-    embed_dim: int
-    vision_width: int | None
-    vision_layers: int
-    logit_scale: torch.Tensor
-    preprocess: Callable
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor: ...
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
-    def encode_text_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
-    def encode_image(self, images: torch.Tensor, visual_prompts: list[torch.Tensor] | None = None) -> torch.Tensor: ...
-    def weights_id(self) -> str: ...
+from ..safeio import file_sha256
+from .base import BackboneLoadError
 
 
 def default_preprocess(image_size: int):
@@ -255,34 +233,3 @@ def tiny_openclip(seed: int = 0, image_size: int = 32, embed_dim: int = 32, text
         text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=2, layers=layers),
     )
     return OpenCLIPBackbone(model, name=f"tiny-openclip-seed{seed}-{image_size}px")
-
-
-def build_backbone(spec: str):
-    """Every backbone gram-plugin can build, by name (the CLI's ``--backbone``):
-
-    * ``proxy`` (the default): ProxyCLIP v2, offline and zero-shot capable: ImageNet EfficientNet-Lite0
-      + ConSE into the pretrained MiniLM text tower (gram_plugin/proxy_v2.py; extra ``[proxy]``).
-    * ``proxy-v1`` / ``proxy-v1:DIR``: the earlier proxy (MiniLM + a small CNN trained here on base
-      classes; the build shipped in the package, or a built folder; gram_plugin/proxy.py).
-    * ``tiny`` / ``tiny:SEED``: a random tiny open_clip CLIP (tests, smoke runs).
-    * ``MODEL:PRETRAINED``: an open_clip model with a pretrained tag or a local weights file.
-    """
-    kind, _, rest = spec.partition(":")
-    if kind == "proxy":
-        if rest:
-            raise BackboneLoadError(f"--backbone proxy takes no argument (got {spec!r}); a built folder of the "
-                                    "earlier proxy is proxy-v1:DIR")
-        from .proxy_v2 import ProxyCLIPv2
-
-        return ProxyCLIPv2()
-    if kind == "proxy-v1":
-        from .proxy import load_proxy
-
-        return load_proxy(rest or None)
-    if kind == "tiny":
-        try:
-            seed = int(rest) if rest else 0
-        except ValueError:
-            raise BackboneLoadError(f"backbone tiny:SEED needs a whole-number seed, got {rest!r}") from None
-        return tiny_openclip(seed)
-    return OpenCLIPBackbone(kind, pretrained=rest or None)
