@@ -11,4 +11,13 @@ class GramPluginError(Exception):
     """An error gram-plugin raises on purpose, with a message that names the problem."""
 
 
-__all__ = ["GramPluginError"]
+# errors of artefacts that several layers raise (safeio's checks, the init file, the regulator read from it)
+class ArtefactError(GramPluginError, ValueError):
+    """A file gram-plugin reads is missing, damaged, of another kind, or does not fit."""
+
+
+class PromptInitError(ArtefactError):
+    """An init artefact does not fit: unreadable file, or names / shapes / dtypes / backbone differ."""
+
+
+__all__ = ["GramPluginError", "ArtefactError", "PromptInitError"]

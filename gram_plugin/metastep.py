@@ -29,44 +29,17 @@ import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .prompts import strip_wrapper_prefix
+from .marking import LossFn, module_loss  # noqa: F401 (module_loss re-exported)
 from .regulator import GradientRegulator
 from .scale import checkpointed_grad
 from .tasks import Task
 
-LossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
 Grads = Mapping[str, "torch.Tensor | None"]
-
-
-def module_loss(module: nn.Module, loss_on_batch: Callable[[nn.Module, Any], torch.Tensor]) -> LossFn:
-    """Turn ``loss_on_batch(module, batch)`` into ``loss_fn(params, batch)``.
-
-    The module's marked prompt parameters are replaced by ``params`` for the duration of the call
-    (``torch.func.functional_call``), so fast weights of the inner loop flow through the module's
-    own forward code, whatever it is.
-    """
-    real_names = {strip_wrapper_prefix(n): n for n, _ in module.named_parameters()}
-
-    class _Call(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = module
-
-        def forward(self, batch):
-            return loss_on_batch(self.inner, batch)
-
-    wrapper = _Call()
-
-    def loss_fn(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        mapped = {"inner." + real_names[n]: t for n, t in params.items()}
-        return torch.func.functional_call(wrapper, mapped, (batch,), strict=False, tie_weights=False)
-
-    return loss_fn
 
 
 def nonfinite_names(grads: Grads) -> list[str]:

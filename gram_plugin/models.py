@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, integer_at_least, one_of, raise_problems
+from .marking import mark_prompts
 from .pixel_prompt import LAYOUTS, PixelPrompt
-from .prompts import mark_prompts
 
 MODES = ("coop", "vpt", "unigram")
 VISUAL_PROMPTS = ("tokens", "pixels")
@@ -270,7 +270,7 @@ class PromptedCLIP(nn.Module):
 
     def meta_loss_fn(self):
         """``loss_fn(params, batch)`` for :class:`~gram_plugin.meta.MetaPromptTrainer`."""
-        from .metastep import module_loss
+        from .marking import module_loss
 
         fn = module_loss(self, lambda module, batch: module.loss(batch))
         if self.uses_text_prompt and not self.uses_visual_prompt:

@@ -1,9 +1,4 @@
-"""Marking prompt parameters on any ``nn.Module`` and the ``PromptInit`` artefact.
-
-A prompt parameter is marked by an attribute on the ``nn.Parameter`` itself, so the mark survives
-wrapping (DataParallel, a trainer holding the module under another name). Names are always reported
-without DataParallel's ``module.`` prefixes, so an artefact saved from a wrapped model loads into an
-unwrapped one and back.
+"""The ``PromptInit`` artefact (and, from :mod:`gram_plugin.marking`, marking prompt parameters).
 
 ``PromptInit`` is one ``.safetensors`` file: the prompt tensors under their names, the regulator's
 tensors under ``regulator.<key>``, and a JSON document in the safetensors header metadata (method,
@@ -14,102 +9,22 @@ executes code from the file.
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .safeio import ArtefactError, load_tensors, save_tensors
+from .errors import PromptInitError
+from .marking import mark_prompts, prompt_parameters, strip_wrapper_prefix, unmark_prompts  # noqa: F401 (re-exported)
+from .regulator import regulator_config_problems
+from .safeio import load_tensors, save_tensors
 
-_MARK = "_gram_prompt"
 FORMAT_VERSION = 2  # 2: the regulator config always records its scale
 _REGULATOR_PREFIX = "regulator."
 FILE_KIND = "prompt-init"
-
-
-class PromptInitError(ArtefactError):
-    """An init artefact does not fit: unreadable file, or names / shapes / dtypes / backbone differ."""
-
-
-def strip_wrapper_prefix(name: str) -> str:
-    """``module.prompt_learner.ctx`` -> ``prompt_learner.ctx`` (DataParallel / DDP wrapping)."""
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
-def mark_prompts(
-    module: nn.Module,
-    names: Iterable[str] | None = None,
-    pattern: str | None = None,
-    params: Iterable[nn.Parameter] | None = None,
-    require_grad: bool = True,
-) -> list[str]:
-    """Mark prompt parameters of ``module`` and return the (prefix-free) names now marked.
-
-    Select by exact ``names``, by a regular expression ``pattern`` (``re.search`` on the name), or
-    by passing the ``params`` themselves. With ``require_grad`` only parameters that require
-    gradients are taken by a pattern (a frozen copy of a prompt, e.g. PromptSRC's zero-shot
-    encoder, is never picked up by accident). Asking for a name that does not exist is an error.
-    """
-    if names is None and pattern is None and params is None:
-        raise ValueError("mark_prompts needs names=, pattern= or params=")
-    named = OrderedDict((strip_wrapper_prefix(n), p) for n, p in module.named_parameters())
-    chosen: list[nn.Parameter] = []
-    if names is not None:
-        names = list(names)
-        missing = [n for n in names if strip_wrapper_prefix(n) not in named]
-        if missing:
-            raise KeyError(
-                f"mark_prompts: no parameter named {missing} in {type(module).__name__}; "
-                f"available: {list(named)[:20]}{' ...' if len(named) > 20 else ''}"
-            )
-        chosen += [named[strip_wrapper_prefix(n)] for n in names]
-    if pattern is not None:
-        rx = re.compile(pattern)
-        hits = [p for n, p in named.items() if rx.search(n) and (p.requires_grad or not require_grad)]
-        if not hits:
-            raise KeyError(f"mark_prompts: pattern {pattern!r} matches no trainable parameter")
-        chosen += hits
-    if params is not None:
-        ids = {id(p) for p in named.values()}
-        for p in params:
-            if id(p) not in ids:
-                raise KeyError("mark_prompts: a parameter passed in params= is not owned by the module")
-            chosen.append(p)
-    for p in chosen:
-        setattr(p, _MARK, True)
-    return [n for n, p in named.items() if getattr(p, _MARK, False)]
-
-
-def unmark_prompts(module: nn.Module) -> None:
-    for p in module.parameters():
-        if hasattr(p, _MARK):
-            delattr(p, _MARK)
-
-
-def is_prompt(param: torch.Tensor) -> bool:
-    return bool(getattr(param, _MARK, False))
-
-
-def prompt_parameters(module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
-    """The marked prompt parameters in registration order, names without ``module.`` prefixes."""
-    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
-    seen: set[int] = set()
-    for n, p in module.named_parameters():
-        if is_prompt(p) and id(p) not in seen:
-            seen.add(id(p))
-            out[strip_wrapper_prefix(n)] = p
-    if not out:
-        raise ValueError(
-            f"{type(module).__name__} has no marked prompt parameters: call "
-            "gram_plugin.mark_prompts(module, names=[...] or pattern=...) first"
-        )
-    return out
 
 
 # Metadata keys gram-plugin reads back, and the JSON types they must have.
@@ -134,34 +49,6 @@ def metadata_problems(meta: Mapping) -> list[str]:
     rc = meta.get("regulator_config")
     if isinstance(rc, dict) and not isinstance(rc.get("shapes"), dict):
         problems.append("'regulator_config' needs a 'shapes' mapping")
-    return problems
-
-
-def regulator_config_problems(config: Any, prompts: Mapping[str, torch.Tensor], regulator_state: Mapping) -> list[str]:
-    """Every way an init's ``regulator_config`` disagrees with the prompt tensors it regulates (checked before
-    any regulator is built: a config claiming a 30000-wide head would otherwise allocate gigabytes).
-
-    A head for one of the file's prompt tensors must be as wide as it (the regulator acts on the last
-    dimension; a head for another name is the applying code's business: ``wrap`` renames and checks it);
-    regulator tensors need a config. The option values and the tensors' own layout against the config
-    are checked by ``GradientRegulator.init_problems``.
-    """
-    if config is None:
-        return ["it holds regulator tensors but no 'regulator_config' to build the regulator from"] if regulator_state else []
-    if not regulator_state:
-        return []  # a config without tensors is ignored (no regulator), as before
-    shapes = config.get("shapes") if isinstance(config, Mapping) else None
-    if not isinstance(shapes, Mapping) or not shapes:
-        return ["'regulator_config' needs a non-empty 'shapes' mapping"]
-    problems = []
-    for name, shape in shapes.items():
-        ok = isinstance(shape, (list, tuple)) and shape and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
-        if not ok:
-            problems.append(f"regulator head {name!r}: its shape must be a list of positive integers, got {shape!r}")
-        elif name in prompts and (prompts[name].dim() == 0 or shape[-1] != prompts[name].shape[-1]):
-            problems.append(f"regulator head {name!r} is {shape[-1]} wide (shape {list(shape)}), the prompt {name} "
-                            f"is {tuple(prompts[name].shape)}")
     return problems
 
 

@@ -33,12 +33,41 @@ gradient and returns that dtype.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .prompts import PromptInit, PromptInitError, prompt_parameters, regulator_config_problems
+from .errors import PromptInitError
+from .marking import prompt_parameters
+
+
+def regulator_config_problems(config: Any, prompts: Mapping[str, torch.Tensor], regulator_state: Mapping) -> list[str]:
+    """Every way an init's ``regulator_config`` disagrees with the prompt tensors it regulates (checked before
+    any regulator is built: a config claiming a 30000-wide head would otherwise allocate gigabytes).
+
+    A head for one of the file's prompt tensors must be as wide as it (the regulator acts on the last
+    dimension; a head for another name is the applying code's business: ``wrap`` renames and checks it);
+    regulator tensors need a config. The option values and the tensors' own layout against the config
+    are checked by ``GradientRegulator.init_problems``.
+    """
+    if config is None:
+        return ["it holds regulator tensors but no 'regulator_config' to build the regulator from"] if regulator_state else []
+    if not regulator_state:
+        return []  # a config without tensors is ignored (no regulator), as before
+    shapes = config.get("shapes") if isinstance(config, Mapping) else None
+    if not isinstance(shapes, Mapping) or not shapes:
+        return ["'regulator_config' needs a non-empty 'shapes' mapping"]
+    problems = []
+    for name, shape in shapes.items():
+        ok = isinstance(shape, (list, tuple)) and shape and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        if not ok:
+            problems.append(f"regulator head {name!r}: its shape must be a list of positive integers, got {shape!r}")
+        elif name in prompts and (prompts[name].dim() == 0 or shape[-1] != prompts[name].shape[-1]):
+            problems.append(f"regulator head {name!r} is {shape[-1]} wide (shape {list(shape)}), the prompt {name} "
+                            f"is {tuple(prompts[name].shape)}")
+    return problems
 
 
 def _head_key(name: str) -> str:
@@ -165,10 +194,10 @@ class GradientRegulator(nn.Module):
         return cls(config["shapes"], **{k: config[k] for k in options if k in config})
 
     @classmethod
-    def init_problems(cls, init: PromptInit) -> list[str]:
+    def init_problems(cls, init) -> list[str]:
         """Every way the regulator saved in ``init`` does not fit (empty when it does or when there is none).
 
-        Its config against the prompt tensors (``prompts.regulator_config_problems``), the option values,
+        Its config against the prompt tensors (:func:`regulator_config_problems`), the option values,
         and the tensors' names and shapes against the regulator the config describes, which is laid out
         on the meta device: nothing is allocated, whatever size the config claims.
         """
@@ -197,7 +226,7 @@ class GradientRegulator(nn.Module):
         return problems
 
     @classmethod
-    def from_init(cls, init: PromptInit) -> "GradientRegulator | None":
+    def from_init(cls, init) -> "GradientRegulator | None":
         """The regulator saved with a ``PromptInit`` (its config and weights), or ``None`` if it has none.
 
         Raises ``PromptInitError`` listing :meth:`init_problems` before anything is allocated.

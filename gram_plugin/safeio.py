@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .errors import GramPluginError
+from .errors import ArtefactError
 
 META_KEY = "gram_plugin"
 CHECKSUM_KEY = "gram_plugin.sha256"
@@ -38,10 +38,6 @@ KINDS = {
     "embedding-cache": "sentence-embedding cache file",
     "proxy-weights": "proxy CLIP weights file",
 }
-
-
-class ArtefactError(GramPluginError, ValueError):
-    """A file gram-plugin reads is missing, damaged, of another kind, or does not fit."""
 
 
 class CheckpointError(ArtefactError):

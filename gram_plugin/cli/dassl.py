@@ -28,7 +28,6 @@ The frozen CLIP and tokenizer come from the trainer's module (the adapter says w
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -36,28 +35,6 @@ from pathlib import Path
 from .options import CLIError, DasslConfig
 from .pipeline import open_run, task_source
 from .plan import plan
-
-DASSL_INSTALL = (
-    "install the adapters' extra and Dassl into the fork's environment: "
-    "pip install \"/path/to/gram-plugin[dassl]\" and pip install --no-build-isolation --no-deps -e /path/to/Dassl.pytorch "
-    "(see examples/coop_fork/README.md)"
-)
-# module -> what provides it, for the message when it is missing
-NEEDED = {"yacs": "yacs (the [dassl] extra)", "dassl": "Dassl.pytorch", "PIL": "pillow", "torchvision": "torchvision"}
-
-
-def dependency_problems() -> list[str]:
-    """The Dassl path's missing dependencies, found without importing them."""
-    problems = []
-    for module, what in NEEDED.items():
-        try:
-            found = importlib.util.find_spec(module) is not None  # None also when sys.modules holds None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            problems.append(f"meta-train --dassl-config needs {what} ({module} is not installed): {DASSL_INSTALL}")
-    return problems
-
 
 def load_fork(fork: Path):
     """Import the fork's ``train.py`` (registering its datasets and trainers); return the module.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 from ..config import ConfigError, integer_at_least
@@ -15,6 +16,27 @@ from .options import (
     as_flags, default, flag,
 )
 from .run_folder import folder_problems
+
+DASSL_INSTALL = (
+    "install the adapters' extra and Dassl into the fork's environment: "
+    "pip install \"/path/to/gram-plugin[dassl]\" and pip install --no-build-isolation --no-deps -e /path/to/Dassl.pytorch "
+    "(see examples/coop_fork/README.md)"
+)
+# module -> what provides it, for the message when it is missing
+NEEDED = {"yacs": "yacs (the [dassl] extra)", "dassl": "Dassl.pytorch", "PIL": "pillow", "torchvision": "torchvision"}
+
+
+def dependency_problems() -> list[str]:
+    """The Dassl path's missing dependencies, found without importing them."""
+    problems = []
+    for module, what in NEEDED.items():
+        try:
+            found = importlib.util.find_spec(module) is not None  # None also when sys.modules holds None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            problems.append(f"meta-train --dassl-config needs {what} ({module} is not installed): {DASSL_INSTALL}")
+    return problems
 
 
 @dataclass
@@ -124,8 +146,6 @@ def plan(args) -> Plan:
         if not init_problems:  # with a conflict the prompt settings are a mix of the file's and the flags'
             factories["prompt"] = lambda: PromptConfig(**{**_fields(PromptConfig, args), "ctx_init": ctx_init})
     else:
-        from .dassl import dependency_problems
-
         problems += dependency_problems()
         factories["dassl"] = lambda: DasslConfig(
             **{**_fields(DasslConfig, args), "fork": args.fork or default(DasslConfig, "fork"),
