@@ -85,3 +85,35 @@ def test_a_locked_folder_refuses_a_second_holder_until_released(tmp_path):
     with pytest.raises(RunFolderError, match="is a file, not a folder"):
         with locked_dir(tmp_path / "file"):
             pass
+
+
+CORRUPT_TABLE = """
+import sys
+from safetensors import safe_open
+from safetensors.torch import save_file
+import torch
+from gram_plugin.safeio import CHECKSUM_KEY, ArtefactError, load_tensors, save_tensors
+
+path, table = sys.argv[1], sys.argv[2]
+save_tensors(path, {"a": torch.ones(2)}, {"x": 1}, kind="feature-cache")
+with safe_open(path, "pt") as f:
+    header = dict(f.metadata())
+header[CHECKSUM_KEY] = table  # a checksum table that is valid JSON but no mapping, or no JSON at all
+save_file({"a": torch.ones(2)}, path, metadata=header)
+try:
+    load_tensors(path, "feature cache")
+except ArtefactError as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("table", ["[1, 2]", '"text"', "{not json"])
+@pytest.mark.parametrize("optimize", [[], ["-O"]])
+def test_a_corrupt_checksum_table_is_the_same_artefact_error_under_python_O(tmp_path, table, optimize):
+    import subprocess
+    import sys
+
+    path = tmp_path / "f.safetensors"
+    out = subprocess.run([sys.executable, *optimize, "-c", CORRUPT_TABLE, str(path), table], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == f"ArtefactError feature cache {path} has a corrupt checksum table", out
