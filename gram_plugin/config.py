@@ -23,11 +23,13 @@ class ConfigError(GramPluginError, ValueError):
 
 
 def positive_number(name: str, v: Any) -> list[str]:
+    """``[]``, or the problem when ``v`` is not a finite number > 0 (``name`` names the field)."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     return [] if ok else [f"{name} must be a finite number > 0, got {v!r}"]
 
 
 def integer_at_least(name: str, v: Any, low: int) -> list[str]:
+    """``[]``, or the problem when ``v`` is not an integer >= ``low`` (booleans are not integers here)."""
     ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
     return [] if ok else [f"{name} must be an integer >= {low}, got {v!r}"]
 
@@ -39,10 +41,12 @@ def seed_problems(name: str, v: Any) -> list[str]:
 
 
 def one_of(name: str, v: Any, choices: tuple) -> list[str]:
+    """``[]``, or the problem when ``v`` is not one of ``choices``."""
     return [] if v in choices else [f"{name} must be one of {list(choices)}, got {v!r}"]
 
 
 def raise_problems(what: str, problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` for ``what`` listing ``problems``, if there are any."""
     if problems:
         raise ConfigError(what, problems)
 

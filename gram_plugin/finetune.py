@@ -54,6 +54,7 @@ class TuneConfig:
 
 @torch.no_grad()
 def zero_shot_text_features(backbone, classnames: list[str], template: str = ZERO_SHOT_TEMPLATE) -> torch.Tensor:
+    """Text features of the hand-crafted prompt ``template`` for each class name (underscores read as spaces)."""
     ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
     return backbone.encode_text_embeddings(backbone.embed_tokens(ids), ids)
 
@@ -86,6 +87,7 @@ def evaluate(model, dataset, batch_size: int = 128) -> float:
 
 
 def harmonic_mean(base: float, new: float) -> float:
+    """H = 2 base new / (base + new), the base-to-new protocol's summary (0 when both are 0)."""
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 

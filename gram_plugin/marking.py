@@ -73,12 +73,14 @@ def mark_prompts(
 
 
 def unmark_prompts(module: nn.Module) -> None:
+    """Remove every prompt mark from ``module``'s parameters."""
     for p in module.parameters():
         if hasattr(p, _MARK):
             delattr(p, _MARK)
 
 
 def is_prompt(param: torch.Tensor) -> bool:
+    """Whether ``param`` carries the prompt mark."""
     return bool(getattr(param, _MARK, False))
 
 

@@ -28,6 +28,7 @@ from .tasks import Task
 
 
 def supports_batching(loss_fn) -> bool:
+    """Whether ``loss_fn`` has a ``batched`` form (``PromptedCLIP.meta_loss_fn`` in CoOp mode) that runs several tasks at once."""
     return callable(getattr(loss_fn, "batched", None))
 
 
@@ -40,6 +41,8 @@ class BatchedMetaStep(MetaStep):
     """
 
     def task_losses(self, params: Mapping[str, torch.Tensor], tasks: Sequence[Task]) -> list[TaskLoss]:
+        """The query losses of ``tasks`` after adaptation, the group run through one batched forward per inner step;
+        falls back to :meth:`MetaStep.task_losses` (one task at a time) where batching does not apply."""
         if len(tasks) < 2 or not supports_batching(self.loss_fn) or self.checkpoint_inner or self.track_alignment:
             return super().task_losses(params, tasks)
         batched = self.loss_fn.batched

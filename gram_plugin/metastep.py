@@ -204,6 +204,7 @@ class MetaStep:
         return [self.task_loss(params, t) for t in tasks]
 
     def meta_parameters(self, params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """What the outer step updates: the prompt tensors ``params`` and, with one, the regulator's parameters."""
         return list(params.values()) + (list(self.regulator.parameters()) if self.regulator is not None else [])
 
     def accumulate_gradients(

@@ -170,6 +170,7 @@ class PromptedCLIP(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def visual_prompts(self) -> list[torch.Tensor] | None:
+        """The visual prompt tokens per layer (VPT / UNIGRAM with token prompts), else ``None``."""
         return list(self.vpt) if self.visual_prompt == "tokens" else None
 
     def text_features(self) -> torch.Tensor:
@@ -214,6 +215,7 @@ class PromptedCLIP(nn.Module):
     forward = logits
 
     def loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the logits of a standard batch (``images`` or ``features``, ``labels``, optional ``classnames``)."""
         return self._cross_entropy(self.logits(batch), batch)
 
     @staticmethod
@@ -265,6 +267,7 @@ class PromptedCLIP(nn.Module):
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> float:
+        """Top-1 accuracy on a standard batch."""
         pred = self.logits(batch).argmax(-1)
         return float((pred == batch["labels"]).float().mean())
 
@@ -278,6 +281,7 @@ class PromptedCLIP(nn.Module):
         return fn
 
     def config(self) -> dict[str, Any]:
+        """The prompt settings and backbone name, recorded in an init's metadata (and checked when it is loaded)."""
         out = {"mode": self.mode, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_vpt": self.n_vpt,
                "vpt_deep": self.vpt_deep, "backbone": self.backbone.name}
         if self.pixel_prompt is not None:

@@ -75,6 +75,7 @@ class PixelPrompt(nn.Module):
         return flat.t().reshape(3, n, n)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (N, 3, S, S) with the prompt added where the layout puts it; raises ``ValueError`` for another size."""
         n = self.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, n, n):
             raise ValueError(f"pixel prompt expects images (N, 3, {n}, {n}) (the size it was built for), "

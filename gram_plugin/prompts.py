@@ -77,6 +77,7 @@ class PromptInit:
 
     @classmethod
     def from_module(cls, module: nn.Module, **metadata: Any) -> "PromptInit":
+        """A copy of ``module``'s marked prompt tensors, with ``metadata``."""
         tensors = OrderedDict((n, p.detach().clone()) for n, p in prompt_parameters(module).items())
         return cls(tensors, dict(metadata))
 
@@ -90,6 +91,7 @@ class PromptInit:
         return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     def describe(self) -> dict:
+        """What the file holds (metadata, names, shapes, dtypes, whether it has a regulator), as ``gram-plugin inspect`` prints it."""
         return {
             **self.metadata,
             "names": list(self.tensors),
@@ -100,6 +102,9 @@ class PromptInit:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the init atomically as a checked ``.safetensors`` file; returns the path.
+
+        Raises ``FileExistsError`` when ``path`` exists and ``overwrite`` is not set."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")

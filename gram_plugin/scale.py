@@ -13,7 +13,7 @@ tower runs once per class, so that memory grows as classes x inner steps x text-
   computed without keeping its graph; the meta-backward recomputes the step's forward and backward
   and takes the Hessian-vector product, one step at a time. Memory no longer grows with k.
 
-Cost: recomputation (roughly 1.5-2x the compute of the plain second-order step); both are off by
+Cost: recomputation (measured in benchmarks/README.md, bench_memory.py); both are off by
 default. Third-order gradients through these functions are not supported (MAML needs second).
 """
 
@@ -118,6 +118,7 @@ class ClassChunking:
         object.__setattr__(backbone, "encode_text_embeddings", encode_text_embeddings)
 
     def remove(self) -> None:
+        """Give the backbone its own ``encode_text_embeddings`` back."""
         if self._had_own:
             object.__setattr__(self.backbone, "encode_text_embeddings", self._previous)
         else:

@@ -137,7 +137,7 @@ class OpenCLIPBackbone(nn.Module):
         if mask is not None:
             # Causal mask: no position attends to a later one, so the tokens after the last
             # end-of-text cannot change what is pooled; dropping them is exact and cuts the text
-            # tower's work from 77 positions to the longest prompt (about 5x for CoOp prompts).
+            # tower's work from 77 positions to the longest prompt (benchmarks/README.md, text path runs A-C).
             try:
                 n = int(eot.max()) + 1
             except RuntimeError:  # under torch.func.vmap the ids are batched: no single Python int
@@ -155,8 +155,8 @@ class OpenCLIPBackbone(nn.Module):
 
         open_clip's blocks are batch-first, and nn.MultiheadAttention transposes its input to
         sequence-first before the q/k/v projection; on that non-contiguous input a linear layer
-        that needs gradients runs as a batched matmul over copies of the weight (1.8x slower, and
-        the same again in every backward). Running the blocks sequence-first (what
+        that needs gradients runs as a batched matmul over copies of the weight (slower, and again in
+        every backward: benchmarks/README.md, bench_meta_step's run C). Running the blocks sequence-first (what
         ``batch_first=False`` does) is the same arithmetic on contiguous tensors. Blocks of another
         kind, or gradient checkpointing, take open_clip's own path.
         """

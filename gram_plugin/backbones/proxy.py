@@ -137,7 +137,7 @@ class MiniLMTextCLIP(nn.Module):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ProxyError("tokenize expects a list of strings")
         # Pad to the longest text of the call, not to TEXT_LENGTH: pads are masked out of attention
-        # and pooling, so features are the same, and class prompts (~10 tokens) run ~3x faster.
+        # and pooling, so features are the same, and short class prompts run on far fewer positions.
         enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=TEXT_LENGTH,
                              return_tensors="pt")
         return enc["input_ids"]
@@ -164,6 +164,7 @@ class MiniLMTextCLIP(nn.Module):
         return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
     def zero_shot_logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits of ``images`` against L2-normalised ``text_features`` (classes x embed_dim)."""
         img = F.normalize(self.encode_image(images), dim=-1)
         return self.logit_scale * img @ text_features.t()
 
@@ -186,6 +187,7 @@ class ProxyCLIP(MiniLMTextCLIP):
 
     # -- protocol: image
     def encode_image(self, images: torch.Tensor, visual_prompts=None) -> torch.Tensor:
+        """Image features of ``images`` (N, 3, H, W) from the small CNN; raises ``ProxyError`` for visual prompts or another shape."""
         if visual_prompts is not None:
             raise ProxyError("ProxyCLIP has a CNN image tower: visual prompts (VPT/UNIGRAM) are not supported")
         if images.ndim != 4 or images.shape[1] != 3:
@@ -193,6 +195,7 @@ class ProxyCLIP(MiniLMTextCLIP):
         return self.visual(images)
 
     def preprocess(self, pil_image) -> torch.Tensor:
+        """A PIL image as the tower's input tensor (``image_size`` px, ImageNet mean / std)."""
         return pil_to_tensor(pil_image, self.image_size)
 
 
@@ -212,7 +215,7 @@ def pil_to_tensor(img, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-EMBEDDED_DIR = Path(__file__).parents[1] / "assets" / "proxy"  # the build shipped with the package (1.4 MB)
+EMBEDDED_DIR = Path(__file__).parents[1] / "assets" / "proxy"  # the build shipped with the package
 
 
 def load_proxy(path: str | Path | None = None) -> ProxyCLIP:

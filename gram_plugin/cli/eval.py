@@ -7,6 +7,7 @@ from .pipeline import build_model, command, table
 
 
 def add_parser(sub) -> None:
+    """Add ``eval`` and its flags to the sub-parsers ``sub``."""
     p = sub.add_parser("eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
     add_run_folder(p)
     add_general(p)

@@ -6,6 +6,7 @@ import json
 
 
 def add_parser(sub) -> None:
+    """Add ``inspect`` to the sub-parsers ``sub``."""
     p = sub.add_parser("inspect", help="print what an init / prompt file holds")
     p.add_argument("path")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

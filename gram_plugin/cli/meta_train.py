@@ -20,6 +20,7 @@ wrap(trainer, init="OUT/init.safetensors", regulator=True) or GRAM.INIT."""
 
 
 def add_parser(sub) -> None:
+    """Add ``meta-train`` (both paths, one set of flags) to the sub-parsers ``sub``."""
     p = sub.add_parser("meta-train", help="meta-learn a prompt init (+ regulator) -> OUT/init.safetensors; standalone "
                        "or through your own Dassl trainer (--dassl-config)", description=DESCRIPTION)
     add_run_folder(p)

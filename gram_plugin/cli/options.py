@@ -176,6 +176,7 @@ def add_renamed(p: argparse.ArgumentParser, *names: str) -> None:
 
 
 def add_run_folder(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--out`` (the run folder) and ``--overwrite``."""
     p.add_argument("--config", help="yaml file with option values (command-line flags win)")
     p.add_argument("--out", required=True, help="run folder (must be empty unless --overwrite / --resume)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (caches are kept)")
@@ -207,6 +208,7 @@ def add_standalone(p: argparse.ArgumentParser) -> None:
 
 
 def add_general(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--threads``, ``--quiet``, ``--debug``."""
     p.add_argument("--seed", type=int, default=default(TuneConfig, "seed"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -214,12 +216,14 @@ def add_general(p: argparse.ArgumentParser) -> None:
 
 
 def add_shots(p: argparse.ArgumentParser) -> None:
+    """``--shots`` (default: ``DataConfig``)."""
     p.add_argument("--shots", type=int, default=default(DataConfig, "shots"),
                    help="images per base class to tune on and draw tasks from (a class with fewer keeps all; "
                         "0 = all; Dassl: DATASET.NUM_SHOTS)")
 
 
 def add_tuning(p: argparse.ArgumentParser) -> None:
+    """The tuning flags (defaults: ``TuneConfig``) in their own group."""
     t = lambda name: default(TuneConfig, name)  # noqa: E731
     g = p.add_argument_group("tuning")
     g.add_argument("--epochs", type=int, default=t("epochs"))
@@ -243,6 +247,7 @@ def add_tasks(p: argparse.ArgumentParser):
 
 
 def add_meta(p: argparse.ArgumentParser) -> None:
+    """The meta-training flags (defaults: ``MetaConfig``) in their own group."""
     m = lambda name: default(MetaConfig, name)  # noqa: E731
     g = p.add_argument_group("how (defaults: MetaConfig)")
     g.add_argument("--method", default="gram", choices=["gram", "maml"],

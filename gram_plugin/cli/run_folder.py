@@ -101,6 +101,7 @@ class Run:
         return p
 
     def close(self):
+        """Close ``log.txt`` and release the folder's lock."""
         self._log.close()
         self._lock.close()
 

@@ -8,6 +8,7 @@ from .pipeline import command, table, tune_and_eval
 
 
 def add_parser(sub) -> None:
+    """Add ``tune`` and its flags to the sub-parsers ``sub``."""
     p = sub.add_parser("tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
     add_run_folder(p)
     add_general(p)
