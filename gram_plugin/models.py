@@ -174,6 +174,9 @@ class PromptedCLIP(nn.Module):
         return list(self.vpt) if self.visual_prompt == "tokens" else None
 
     def text_features(self) -> torch.Tensor:
+        """Text features of the current class names with the learned context (the fixed ones without a text prompt).
+
+        Raises ``RuntimeError`` when no class names are set."""
         if not self.classnames:
             raise RuntimeError("no class names set: call set_classnames(list) or pass batch['classnames']")
         if not self.uses_text_prompt:
@@ -184,6 +187,9 @@ class PromptedCLIP(nn.Module):
         return self.backbone.encode_text_embeddings(emb, self.token_ids)
 
     def image_features(self, batch: dict) -> torch.Tensor:
+        """Image features of a batch: its cached ``features``, or ``images`` through the (prompted) image tower.
+
+        Raises ``ValueError`` for cached features when visual prompts are learned, ``KeyError`` for neither."""
         if "features" in batch:
             if self.uses_visual_prompt:
                 raise ValueError("batch has precomputed 'features' but this model learns visual prompts; pass 'images'")

@@ -83,6 +83,7 @@ class PromptInit:
 
     @property
     def regulator_config(self) -> dict | None:
+        """The saved regulator's constructor options (``GradientRegulator.from_config``), or ``None``."""
         return self.metadata.get("regulator_config")
 
     def nonfinite_names(self) -> list[str]:

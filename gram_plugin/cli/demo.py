@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import time
 
-from .options import DEMO_SETTINGS, add_general, add_meta, add_run_folder, add_shots, add_standalone, add_tasks, add_tuning
+from .options import DEMO_SETTINGS, add_meta, add_shots, add_standalone_command, add_tasks, add_tuning
 from .pipeline import build_model, command, meta_curve, meta_train, table, tune_and_eval
 
 
 def add_parser(sub) -> None:
     """Add ``demo`` and its flags to the sub-parsers ``sub``."""
-    p = sub.add_parser("demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
-    add_run_folder(p)
-    add_general(p)
-    add_standalone(p.add_argument_group("the standalone model and data"))
+    p = add_standalone_command(sub, "demo", help="meta-train GRAM on base classes, tune, compare with CoOp on base/new/H")
     add_shots(p)
     add_tuning(p)
     add_tasks(p)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from .options import add_general, add_run_folder, add_standalone
+from .options import add_standalone_command
 from .pipeline import build_model, command, table
 
 
 def add_parser(sub) -> None:
     """Add ``eval`` and its flags to the sub-parsers ``sub``."""
-    p = sub.add_parser("eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
-    add_run_folder(p)
-    add_general(p)
-    add_standalone(p.add_argument_group("the standalone model and data"))
+    p = add_standalone_command(sub, "eval", help="evaluate a prompt (prompt.safetensors) on base/new/all")
     p.add_argument("--prompt", default=None, help="prompt.safetensors (none = the initial prompt)")
     p.set_defaults(func=cmd_eval)
 

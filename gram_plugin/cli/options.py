@@ -207,6 +207,15 @@ def add_standalone(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", dest="no_cache", action="store_const", const=True, default=None)
 
 
+def add_standalone_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command of the standalone path: its sub-parser with the run folder, general and model / data flags."""
+    p = sub.add_parser(name, help=help)
+    add_run_folder(p)
+    add_general(p)
+    add_standalone(p.add_argument_group("the standalone model and data"))
+    return p
+
+
 def add_general(p: argparse.ArgumentParser) -> None:
     """``--seed``, ``--threads``, ``--quiet``, ``--debug``."""
     p.add_argument("--seed", type=int, default=default(TuneConfig, "seed"))

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from ..finetune import TuneConfig
-from .options import add_general, add_run_folder, add_shots, add_standalone, add_tuning, default
+from .options import add_shots, add_standalone_command, add_tuning, default
 from .pipeline import command, table, tune_and_eval
 
 
 def add_parser(sub) -> None:
     """Add ``tune`` and its flags to the sub-parsers ``sub``."""
-    p = sub.add_parser("tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
-    add_run_folder(p)
-    add_general(p)
-    add_standalone(p.add_argument_group("the standalone model and data"))
+    p = add_standalone_command(sub, "tune", help="prompt-tune on base classes (optionally from an init), evaluate base/new/H")
     add_shots(p)
     add_tuning(p)
     p.add_argument("--init", default=None, help="init.safetensors from meta-train (OUT/init.safetensors)")
