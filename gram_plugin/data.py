@@ -299,8 +299,9 @@ def base_new_problem(dataset: ImageDataset) -> str | None:
     n = len(set(it.label for it in dataset.items))
     base = math.ceil(n / 2)
     if base < 2 or n - base < 2:
-        return (f"{dataset.name}: its {n} classes split into {base} base and {n - base} new; base-to-new evaluation "
-                "needs at least 2 classes on each side (4 in all): a 1-class side would score 100 %")
+        return (f"{dataset.name}: its {n} class{'es' if n != 1 else ''} split into {base} base and {n - base} new; "
+                "base-to-new evaluation needs at least 2 classes on each side (4 in all): a 1-class side scores 100 % "
+                "whatever the prompt")
     return None
 
 

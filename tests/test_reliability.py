@@ -317,7 +317,7 @@ def test_a_non_empty_run_folder_is_refused_and_left_as_it_was(tmp_path, capsys, 
     shutil.copytree(trained / "t", out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     rc, err = cli(capsys, "tune", "--out", out, *FAST, "--lr", "0.5")
-    assert rc == 2 and "is not empty" in err and "--overwrite" in err and "--resume" in err
+    assert rc == 2 and "is not empty" in err and "--overwrite" in err and "--resume" not in err  # tune has no --resume
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     rc, err = cli(capsys, "tune", "--out", out, *FAST, "--lr", "0.5", "--overwrite")
     assert rc == 0, err
@@ -505,8 +505,7 @@ def test_an_init_for_another_mode_conflicts_with_an_explicit_mode_and_otherwise_
 def test_a_one_class_dataset_is_refused_up_front(tmp_path, capsys):
     root = image_folder(tmp_path, classes=("Faces",))
     rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--data", f"folder:{root}")
-    assert rc == 2 and "dataset images has 1 class (['Faces']): base-to-new evaluation needs at least 2 classes" in err
-    assert "this one has no new classes" in err
+    assert rc == 2 and "images: its 1 class split into 1 base and 0 new; base-to-new evaluation needs at least 2" in err
     assert not (tmp_path / "t").exists()
 
 
@@ -1057,3 +1056,171 @@ def test_ctrl_c_in_meta_training_saves_a_resumable_checkpoint(tmp_path):
     assert load_tensors(tmp_path / "cut" / CHECKPOINT_NAME)[1]["step"] == 2
     _, got = _checkpointed_run(tmp_path / "cut", 4)
     assert torch.equal(got.tensors["w"], ref.tensors["w"])
+
+
+# -- the CLI: cases that needed the CLI package ---------------------------------------------------------------
+@pytest.mark.parametrize("classes, counts", [(("Faces", "pizza"), "1 base and 1 new"),
+                                             (("Faces", "pizza", "Leopards"), "2 base and 1 new")])
+def test_a_base_new_split_with_fewer_than_2_classes_on_a_side_is_refused_on_the_cli(tmp_path, capsys, classes, counts):
+    root = image_folder(tmp_path, classes=classes)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--data", f"folder:{root}")
+    assert rc == 2 and f"{len(classes)} classes split into {counts}" in err and "at least 2 classes on each side" in err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("case", REGULATOR_CASES)
+def test_an_init_whose_regulator_does_not_fit_is_refused_on_the_cli_before_anything_is_written(tmp_path, capsys, trained,
+                                                                                      monkeypatch, case):
+    import gram_plugin.regulator as regulator_module
+
+    built = []
+    real_head = regulator_module._Head.__init__
+
+    def spy(self, width, *a, **k):
+        built.append((width, torch.empty(0).device.type))
+        real_head(self, width, *a, **k)
+
+    monkeypatch.setattr(regulator_module._Head, "__init__", spy)
+    bad = _regulator_init(trained / "m" / "init.safetensors", tmp_path / "bad.safetensors", case)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--init", bad)
+    assert rc == 2 and f"init file {bad}" in err and "regulator" in err, err
+    assert not (tmp_path / "t").exists()
+    assert not [w for w, device in built if device != "meta"], built  # nothing built for real
+
+
+
+
+def test_a_seed_out_of_range_names_the_flag_in_eval(tmp_path, capsys):
+    rc, err = cli(capsys, "eval", "--out", tmp_path / "t", *BASE, "--seed", 10 ** 23)
+    assert rc == 2 and "--seed must be an integer in [0, 2**63)" in err and "100000000000000000000000" in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_vpt_init_recording_0_prompt_tokens_names_the_file_not_a_flag(tmp_path, capsys, trained):
+    init = PromptInit.load(trained / "m" / "init.safetensors")
+    init.metadata.update(mode="vpt", n_vpt=0)
+    path = init.save(tmp_path / "vpt.safetensors")
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--init", path)
+    assert rc == 2 and f"init file {path}" in err and "n_vpt" in err and "--n-vpt" not in err, err
+
+
+# -- the run folder: nothing the user has is destroyed -------------------------------------------------------
+
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_failed_overwrite_keeps_the_previous_run_whole(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["tune", "--out", str(out), *FAST]) == 0
+    before = _files(out)
+    rc, err = cli(capsys, "tune", "--out", out, *FAST, "--overwrite", "--lr", "1e30")
+    assert rc == 2 and "non-finite" in err, err
+    assert _files(out) == before  # prompt, metrics, plot, config and log as they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # the attempt left nothing beside it
+    rc, err = cli(capsys, "tune", "--out", out, *FAST, "--overwrite", "--lr", "0.5")
+    assert rc == 0, err
+    assert "lr: 0.5" in (out / "config.yaml").read_text() and (out / "prompt.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_overwrite_touches_only_a_folder_holding_a_gram_plugin_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "meta").mkdir(parents=True)
+    (out / "meta" / "notes.md").write_text("my notes")
+    (out / "config.yaml").write_text("my: config\n")
+    (out / "log.txt").write_text("my log\n")
+    before = _files(out)
+    rc, err = cli(capsys, "tune", "--out", out, *FAST, "--overwrite")
+    assert rc == 2 and f"--overwrite: {out} holds no gram-plugin run" in err, err
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("command, offers_resume", [("tune", False), ("eval", False), ("meta-train", True)])
+def test_the_not_empty_hint_offers_resume_only_to_meta_train(tmp_path, capsys, command, offers_resume):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    extra = META if command == "meta-train" else []
+    rc, err = cli(capsys, command, "--out", out, *BASE, *extra)
+    assert rc == 2 and "is not empty" in err and "--overwrite" in err
+    assert ("--resume" in err) == offers_resume, err
+
+
+def test_resume_keeps_the_whole_meta_train_history_in_metrics(tmp_path, capsys):
+    argv = ["meta-train", "--out", str(tmp_path / "m"), *BASE, *META[2:]]
+    assert main([*argv, "--meta-steps", "2"]) == 0
+    assert main([*argv, "--meta-steps", "4", "--resume"]) == 0  # mid-run resume: steps 3 and 4 here
+    steps = lambda: [r["step"] for r in json.loads((tmp_path / "m" / "metrics.json").read_text())["meta_train"]]  # noqa: E731
+    assert steps() == [1, 2, 3, 4]
+    assert main([*argv, "--meta-steps", "4", "--resume"]) == 0  # a finished run resumed
+    assert steps() == [1, 2, 3, 4]
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch):
+    from gram_plugin.meta import MetaPromptTrainer
+
+    argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0"]
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+    real_step = MetaPromptTrainer.outer_step
+
+    def ctrl_c_during_step_2(self, tasks):
+        if self.step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, tasks)
+
+    monkeypatch.setattr(MetaPromptTrainer, "outer_step", ctrl_c_during_step_2)
+    rc, err = cli(capsys, *argv, "--out", tmp_path / "cut")
+    line = _one_line(err)
+    assert rc == 130 and line.startswith("gram-plugin: interrupted") and "after outer step 2" in line and "--resume" in line
+    assert "interrupted" in (tmp_path / "cut" / "log.txt").read_text()
+    assert "FAILED: \n" not in (tmp_path / "cut" / "log.txt").read_text()
+    monkeypatch.setattr(MetaPromptTrainer, "outer_step", real_step)
+    rc, err = cli(capsys, *argv, "--out", tmp_path / "cut", "--resume")
+    assert rc == 0, err
+    a = PromptInit.load(tmp_path / "ref" / "init.safetensors")
+    b = PromptInit.load(tmp_path / "cut" / "init.safetensors")
+    assert torch.equal(a.tensors["ctx"], b.tensors["ctx"])
+
+
+def test_ctrl_c_in_tune_is_one_line_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch):
+    import gram_plugin.finetune as finetune
+
+    real = finetune.evaluate_base_new
+
+    def ctrl_c(*a, **k):
+        signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune, "evaluate_base_new", ctrl_c)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST)
+    assert rc == 130 and _one_line(err).startswith("gram-plugin: interrupted"), err
+    assert "interrupted" in (tmp_path / "t" / "log.txt").read_text()
+    assert not (tmp_path / "t" / "prompt.safetensors").exists()
+
+
+@pytest.mark.parametrize("text, option", [("data: 5\n", "data"), ("init: 5\n", "init"), ("backbone: [1, 2]\n", "backbone"),
+                                          ("skip_unreadable: 3\n", "skip_unreadable")])
+def test_a_config_value_of_the_wrong_type_is_named_not_a_traceback(tmp_path, capsys, text, option):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--config", cfg)
+    assert rc == 2 and f"config {cfg}: {option} must be" in err and "Traceback" not in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_build_proxy_refuses_an_out_folder_holding_other_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "proxy.safetensors").write_bytes(b"my own weights")
+    rc, err = cli(capsys, "build-proxy", "--out", out, "--data", tmp_path / "nowhere")
+    assert rc == 2 and f"--out {out} holds files but no proxy build (no card.json)" in err, err
+    assert (out / "proxy.safetensors").read_bytes() == b"my own weights"

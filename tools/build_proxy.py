@@ -282,6 +282,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         cfg = BuildConfig(seed=a.seed, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
                           lr=a.lr, use_imagenet=not a.no_imagenet)
         out = Path(a.out or default_cache_dir() / cfg.key())
+        if out.is_dir() and any(out.iterdir()) and not (out / "card.json").exists():
+            # a build writes proxy.safetensors and card.json there: never over files that are not a build
+            raise ProxyError(f"--out {out} holds files but no proxy build (no card.json); choose an empty or new "
+                             "folder (nothing was written)")
         if a.force or not (out / "card.json").exists():
             build(cfg, out, data_dir=a.data)
         card = json.loads((out / "card.json").read_text())

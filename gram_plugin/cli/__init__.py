@@ -47,10 +47,11 @@ def _dispatch(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``gram-plugin ARGV``; returns the exit status (0, or 2 after printing one error line).
+    """Run ``gram-plugin ARGV``; returns the exit status (0; 2 after printing one error line; 130 after Ctrl-C).
 
     ``GramPluginError`` and ``OSError`` (and an optional dependency that is not installed) print one
-    line, or their traceback with ``--debug``; any other exception is a bug and propagates."""
+    line, or their traceback with ``--debug``; so does Ctrl-C (meta-train saves a checkpoint first, which
+    ``--resume`` continues from); any other exception is a bug and propagates."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gram-plugin: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not a traceback (the run's log says "interrupted")
+        if debug:
+            raise
+        from ..meta import MetaTrainingInterrupted
+
+        how = (f": {e}; run the same command with --resume to continue" if isinstance(e, MetaTrainingInterrupted)
+               and "checkpoint" in str(e) and "saved" in str(e) else (f": {e}" if str(e) else ""))
+        print(f"gram-plugin: interrupted{how}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

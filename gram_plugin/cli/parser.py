@@ -43,6 +43,28 @@ def read_yaml(path: str) -> dict:
     return cfg
 
 
+def _value_problem(action: argparse.Action, value) -> str | None:
+    """What a yaml value for ``action`` must be, when it is not that (``None``: it fits); ``null`` = not given."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or (
+            isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool)):
+        return None if isinstance(value, bool) else "true or false"
+    if action.nargs in ("*", "+", argparse.REMAINDER):
+        return None if isinstance(value, list) and all(isinstance(x, str) for x in value) else "a list of strings"
+    if action.type in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if action.type is int:
+            ok = ok and isinstance(value, int)
+        return None if ok else ("a whole number" if action.type is int else "a number")
+    if action.type is None or action.type is str or callable(action.type):
+        if not isinstance(value, str):
+            return "text (a name or a path)" if action.type is None or action.type is str else "text"
+    if action.choices is not None and value not in action.choices:
+        return f"one of {list(action.choices)}"
+    return None
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """The options of ``argv``, with ``--config FILE.yaml``'s values as defaults (flags given win).
 
@@ -70,6 +92,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     cfg[k] = kind(v)
                 except ValueError:
                     raise CLIError(f"config {cfg_path}: {k} must be a number, got {v!r}") from None
+        wrong = [f"{k} must be {want}, got {v!r}" for k, v in cfg.items()
+                 if (want := _value_problem(actions[k], v)) is not None]
+        if wrong:  # what the flag's parser would have refused (data: 5 is no path)
+            raise CLIError(f"config {cfg_path}: " + "; ".join(wrong))
         known = set(vars(args))
         subparsers[args.command].set_defaults(**{k: v for k, v in cfg.items() if k in known})
         args = parser.parse_args(argv)

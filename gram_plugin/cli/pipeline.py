@@ -17,16 +17,16 @@ def load_data(args, plan: Plan, backbone) -> tuple[object, list[str]]:
     """The dataset of ``--data`` (listed, not yet encoded), checked for base-to-new use.
 
     Returns (dataset, unreadable paths left out by ``--skip-unreadable``). Raises ``DataError`` for a
-    missing or malformed dataset, ``CLIError`` for one with fewer than 2 classes."""
-    from ..data import load_dataset
+    missing or malformed dataset, ``CLIError`` for one whose base or new classes would be fewer than 2."""
+    from ..data import base_new_problem, load_dataset
 
     ds = load_dataset(plan.data.data, backbone.preprocess)
-    if len(ds.classnames) < 2:
-        raise CLIError(f"dataset {ds.name} has {len(ds.classnames)} class ({ds.classnames}): base-to-new "
-                       "evaluation needs at least 2 classes (the second half are the new ones): this one has no new classes")
     unreadable: list[str] = []
     if plan.data.skip_unreadable:
         ds, unreadable = ds.without_unreadable()
+    problem = base_new_problem(ds)
+    if problem:  # before the run folder is written: base / new / H of a 1-class side would read 100 %
+        raise CLIError(f"--data {plan.data.data}: {problem}")
     return ds, unreadable
 
 
@@ -157,7 +157,8 @@ def command(args):
 def open_run(args) -> Run:
     """Lock and open ``--out`` (every input already checked); its ``config.yaml`` records the options."""
     config = {k: v for k, v in vars(args).items() if k not in ("func", "config") and not k.startswith("_")}
-    return Run(args.out, config, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
+    return Run(args.out, config, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+               resumable=hasattr(args, "resume"))
 
 
 def table(rows: dict[str, dict]) -> str:

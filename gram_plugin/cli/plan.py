@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from ..config import ConfigError, integer_at_least
+from ..config import ConfigError, integer_at_least, seed_problems
 from ..errors import GramPluginError
 from ..finetune import TuneConfig
 from ..meta import MetaConfig
@@ -108,7 +108,18 @@ def _init_problems(args) -> tuple[object, list[str]]:
     bad = init.nonfinite_names()
     if bad:
         problems.append(f"{init_path} holds non-finite values (NaN or Inf) in {bad}: it is unusable")
+    from ..regulator import GradientRegulator
+
+    # checked against its own tensors before any regulator is built (a config may claim gigabytes)
+    problems += [f"init file {init_path}: its regulator does not fit: {p}" for p in GradientRegulator.init_problems(init)]
     meta = init.metadata
+    recorded = {k: meta[k] for k in _PROMPT_FIELDS if k in meta}
+    try:  # the file's own settings first: its n_vpt 0 is the file's fault, not a --n-vpt the user never gave
+        PromptConfig(**recorded, ctx_init=None)
+    except ConfigError as e:
+        problems.append(f"init file {init_path} records prompt settings no model has: {'; '.join(e.problems)}")
+    except TypeError as e:  # pragma: no cover - metadata_problems checks the types
+        problems.append(f"init file {init_path} records unusable prompt settings: {e}")
     for key in _PROMPT_FIELDS:
         given = getattr(args, key, None)
         if key in meta and given is not None and given != meta[key]:
@@ -131,7 +142,7 @@ def plan(args) -> Plan:
         problems.append("--out names a run folder now; the init is written to OUT/init.safetensors")
     init, init_problems = _init_problems(args)
     problems += init_problems
-    problems += as_flags(integer_at_least("threads", args.threads, 0))
+    problems += as_flags(integer_at_least("threads", args.threads, 0) + seed_problems("seed", args.seed))
     if dassl:  # the trainer's config chooses the data; only --shots applies (DATASET.NUM_SHOTS)
         factories = {"data": lambda: DataConfig(shots=args.shots)}
     else:
@@ -167,5 +178,6 @@ def plan(args) -> Plan:
         problems += built["tasks"].pool_problems(built["data"].shots)
     problems += folder_problems(args)
     if problems:
+        problems = list(dict.fromkeys(problems))  # e.g. --seed, checked by the plan and by each config that has it
         raise CLIError("invalid input:\n  - " + "\n  - ".join(problems))
     return Plan(init=init, **built)

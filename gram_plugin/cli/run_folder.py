@@ -2,13 +2,18 @@
 
 Every command writes into one run folder: ``config.yaml`` (the options), ``log.txt``, ``metrics.json``,
 its artefacts (``init.safetensors``, ``prompt.safetensors``, ``accuracy.png``) and, for meta-train, the
-checkpoints in ``meta/`` that ``--resume`` continues from.
+checkpoints in ``meta/`` that ``--resume`` continues from. A run also writes the marker
+``.gram-plugin-run``: ``--overwrite`` replaces only a folder that holds one (never the user's own
+``config.yaml`` or ``meta/``), and builds the new run beside the old one (``.NAME.new-XXXX``), swapping
+the two only when the command succeeded: a failed or interrupted ``--overwrite`` leaves the old run whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +22,8 @@ from ..paths import inside_run_dir
 from ..safeio import atomic_write_text, locked_dir
 from .options import CLIError
 
-RUN_FILES = ("config.yaml", "log.txt", "metrics.json", "init.safetensors", "prompt.safetensors", "accuracy.png", "meta")
+RUN_MARKER = ".gram-plugin-run"  # written by every run: what --overwrite may replace
+CARRIED_OVER = ("feature_cache",)  # caches an --overwrite keeps (hard links into the new run)
 _NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out", "debug", "no_image_cache"}
 
 
@@ -25,17 +31,23 @@ class Run:
     """The run folder of one command, locked while the command writes to it.
 
     Opened only after every input was checked. ``resume``: continue the run already there (its
-    ``config.yaml`` must agree); ``overwrite``: remove the previous run's files first (caches stay).
+    ``config.yaml`` must agree); ``overwrite``: replace the run there (only a folder holding a
+    gram-plugin run): the new one is written beside it and swapped in when the command succeeds
+    (caches are carried over). ``resumable``: the command has ``--resume`` (the messages offer it).
     """
 
-    def __init__(self, out: str, config: dict, resume: bool = False, overwrite: bool = False):
-        self.dir = Path(out)
+    def __init__(self, out: str, config: dict, resume: bool = False, overwrite: bool = False,
+                 resumable: bool = False):
+        self.final = self.dir = Path(out)
         self.config = config
+        self.resumable = resumable
+        self._staging: Path | None = None
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(locked_dir(self.dir))
+        self._lock.enter_context(locked_dir(self.final))
         try:
             self._prepare(resume, overwrite)
         except BaseException:
+            self._discard_staging()
             self._lock.close()
             raise
         self._log = open(self.path("log.txt"), "a", encoding="utf-8")
@@ -43,15 +55,15 @@ class Run:
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         import yaml
 
-        if overwrite:
-            for name in RUN_FILES:
-                p = self.dir / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        elif not resume and run_contents(self.dir):  # checked again under the lock
-            raise CLIError(not_empty(self.dir))
+        if overwrite and run_contents(self.final):  # checked again under the lock
+            if not holds_run(self.final):
+                raise CLIError(not_a_run(self.final))
+            self._staging = self.dir = self.final.parent / f".{self.final.name}.new-{secrets.token_hex(4)}"
+            self.dir.mkdir()
+            for name in CARRIED_OVER:
+                _link_tree(self.final / name, self.dir / name)
+        elif not overwrite and not resume and run_contents(self.final):
+            raise CLIError(not_empty(self.final, self.resumable))
         saved = self.dir / "config.yaml"
         if resume and saved.exists():
             before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
@@ -61,7 +73,23 @@ class Run:
             if differ:
                 raise CLIError(f"--resume: options differ from the run's config.yaml in {self.dir}: "
                                + ", ".join(f"{k} {before.get(k)!r} -> {self.config.get(k)!r}" for k in differ))
+        if not (self.dir / RUN_MARKER).exists():
+            atomic_write_text(self.dir / RUN_MARKER, json.dumps(
+                {"command": self.config.get("command"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         atomic_write_text(saved, yaml.safe_dump(self.config, sort_keys=True))
+
+    def _swap_in(self) -> None:
+        """The new run (written beside the old one) replaces it: two renames, then the old one goes."""
+        old = self.final.parent / f".{self.final.name}.old-{secrets.token_hex(4)}"
+        os.rename(self.final, old)
+        os.rename(self._staging, self.final)
+        self._staging, self.dir = None, self.final
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _discard_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging, self.dir = None, self.final
 
     def path(self, relative: str) -> Path:
         """A path inside the run folder (refused if ``relative`` would leave it)."""
@@ -69,6 +97,8 @@ class Run:
 
     def log(self, msg: str) -> None:
         """Print ``msg`` with the time and append it to ``log.txt``."""
+        if self._staging is not None:  # paths as they will be once the new run is swapped in
+            msg = msg.replace(str(self._staging), str(self.final))
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
         self._log.write(line + "\n")
@@ -100,18 +130,57 @@ class Run:
         plt.close(fig)
         return p
 
-    def close(self):
-        """Close ``log.txt`` and release the folder's lock."""
+    def close(self, succeeded: bool = True):
+        """Close the log and release the lock; an ``--overwrite`` run is swapped in if it ``succeeded``,
+        else discarded (the previous run stays as it was)."""
         self._log.close()
-        self._lock.close()
+        try:
+            if succeeded and self._staging is not None:
+                self._swap_in()
+        finally:
+            self._discard_staging()
+            self._lock.close()
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if error is not None:
-            self.log(f"FAILED: {error}")
-        self.close()
+        if isinstance(error, KeyboardInterrupt):
+            self.log(f"interrupted (Ctrl-C){': ' + str(error) if str(error) else ''}")
+        elif error is not None:
+            self.log(f"FAILED: {error or type(error).__name__}")
+        if error is not None and self._staging is not None:
+            self.log(f"--overwrite: the previous run in {self.final} is kept as it was")
+        self.close(succeeded=error is None)
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run gram-plugin wrote (its marker), i.e. what ``--overwrite`` may replace."""
+    return (folder / RUN_MARKER).is_file()
+
+
+def not_a_run(folder: Path) -> str:
+    """The message refusing ``--overwrite`` on a folder that holds no gram-plugin run."""
+    held = run_contents(folder)
+    return (f"--overwrite: {folder} holds no gram-plugin run (no {RUN_MARKER} marker; it holds "
+            f"{', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); nothing was deleted: choose another --out, "
+            "or empty the folder yourself")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy the files of ``src`` into ``dst`` as hard links (a copy where the file system has none)."""
+    if not src.is_dir():
+        return
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
 
 
 def run_contents(folder: Path) -> list[str]:
@@ -119,11 +188,12 @@ def run_contents(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
-def not_empty(folder: Path) -> str:
-    """The message refusing a run folder that already holds a run."""
+def not_empty(folder: Path, resumable: bool = False) -> str:
+    """The message refusing a run folder that already holds a run (``--resume`` offered where the command has it)."""
     held = run_contents(folder)
+    resume = "--resume to continue the run there, " if resumable else ""
     return (f"run folder {folder} is not empty (holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}); "
-            "pass --resume to continue the run there, --overwrite to replace it, or choose another --out")
+            f"pass {resume}--overwrite to replace it, or choose another --out")
 
 
 def writable(folder: Path) -> bool:
@@ -161,8 +231,10 @@ def folder_problems(args) -> list[str]:
         problems.append(f"--out {out} is not writable (cannot create files in {base})")
     elif resume and not (out / "config.yaml").is_file():
         problems.append(f"--resume: {out} holds no run to continue (no config.yaml)")
+    elif overwrite and run_contents(out) and not holds_run(out):
+        problems.append(not_a_run(out))
     elif not resume and not overwrite and run_contents(out):
-        problems.append(not_empty(out))
+        problems.append(not_empty(out, resumable=hasattr(args, "resume")))
     cache = getattr(args, "cache_dir", None)
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         problems.append(f"--cache-dir {cache} is a file, not a folder")
