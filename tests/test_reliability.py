@@ -1224,3 +1224,18 @@ def test_build_proxy_refuses_an_out_folder_holding_other_files(tmp_path, capsys)
     rc, err = cli(capsys, "build-proxy", "--out", out, "--data", tmp_path / "nowhere")
     assert rc == 2 and f"--out {out} holds files but no proxy build (no card.json)" in err, err
     assert (out / "proxy.safetensors").read_bytes() == b"my own weights"
+
+
+def test_a_folder_holding_only_a_failed_run_without_artefacts_is_reused_without_flags(tmp_path, capsys):
+    out = tmp_path / "t"
+    rc, err = cli(capsys, "tune", "--out", out, *FAST, "--lr", "1e30")  # fails after its config, log and cache
+    assert rc == 2 and not (out / "prompt.safetensors").exists()
+    rc, err = cli(capsys, "tune", "--out", out, *FAST)
+    assert rc == 0, err
+    log = (out / "log.txt").read_text()
+    assert "FAILED: " in log and log.index("FAILED: ") < log.rindex("epoch 1:")  # the failed run's log kept, appended to
+    (out / "prompt.safetensors").unlink()
+    (out / "metrics.json").unlink()
+    (out / "notes.txt").write_text("mine")  # anything else there: refused as before
+    rc, err = cli(capsys, "tune", "--out", out, *FAST)
+    assert rc == 2 and "is not empty" in err and (out / "notes.txt").read_text() == "mine"

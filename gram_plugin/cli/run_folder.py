@@ -6,6 +6,8 @@ checkpoints in ``meta/`` that ``--resume`` continues from. A run also writes the
 ``.gram-plugin-run``: ``--overwrite`` replaces only a folder that holds one (never the user's own
 ``config.yaml`` or ``meta/``), and builds the new run beside the old one (``.NAME.new-XXXX``), swapping
 the two only when the command succeeded: a failed or interrupted ``--overwrite`` leaves the old run whole.
+A folder holding only what a run that failed before writing any artefact leaves (marker, ``config.yaml``,
+``log.txt``, ``feature_cache``) is reused without ``--overwrite`` (its log is appended to).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .options import CLIError
 
 RUN_MARKER = ".gram-plugin-run"  # written by every run: what --overwrite may replace
 CARRIED_OVER = ("feature_cache",)  # caches an --overwrite keeps (hard links into the new run)
+# what a run that failed before writing any artefact leaves: such a folder is reused without --overwrite
+_NO_ARTEFACT = {RUN_MARKER, "config.yaml", "log.txt", *CARRIED_OVER}
 _NOT_COMPARED_ON_RESUME = {"quiet", "threads", "resume", "overwrite", "meta_steps", "out", "debug", "no_image_cache"}
 
 
@@ -62,7 +66,7 @@ class Run:
             self.dir.mkdir()
             for name in CARRIED_OVER:
                 _link_tree(self.final / name, self.dir / name)
-        elif not overwrite and not resume and run_contents(self.final):
+        elif not overwrite and not resume and holds_artefacts(self.final):
             raise CLIError(not_empty(self.final, self.resumable))
         saved = self.dir / "config.yaml"
         if resume and saved.exists():
@@ -188,6 +192,13 @@ def run_contents(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.is_dir() else []
 
 
+def holds_artefacts(folder: Path) -> bool:
+    """Whether ``folder`` holds anything a new run could destroy: anything but an empty folder, or the
+    config, log and caches of a gram-plugin run that failed before writing an artefact (reused as is)."""
+    held = run_contents(folder)
+    return bool(held) and not (holds_run(folder) and set(held) <= _NO_ARTEFACT)
+
+
 def not_empty(folder: Path, resumable: bool = False) -> str:
     """The message refusing a run folder that already holds a run (``--resume`` offered where the command has it)."""
     held = run_contents(folder)
@@ -233,7 +244,7 @@ def folder_problems(args) -> list[str]:
         problems.append(f"--resume: {out} holds no run to continue (no config.yaml)")
     elif overwrite and run_contents(out) and not holds_run(out):
         problems.append(not_a_run(out))
-    elif not resume and not overwrite and run_contents(out):
+    elif not resume and not overwrite and holds_artefacts(out):
         problems.append(not_empty(out, resumable=hasattr(args, "resume")))
     cache = getattr(args, "cache_dir", None)
     if cache and Path(cache).exists() and not Path(cache).is_dir():
