@@ -1136,6 +1136,11 @@ def test_overwrite_touches_only_a_folder_holding_a_gram_plugin_run(tmp_path, cap
     rc, err = cli(capsys, "tune", "--out", out, *FAST, "--overwrite")
     assert rc == 2 and f"--overwrite: {out} holds no gram-plugin run" in err, err
     assert _files(out) == before
+    from gram_plugin.cli import CLIError, Run
+
+    with pytest.raises(CLIError, match="holds no gram-plugin run"):  # checked again under the lock, not only by plan
+        Run(str(out), {"command": "tune"}, overwrite=True)
+    assert _files(out) == before
 
 
 @pytest.mark.parametrize("command, offers_resume", [("tune", False), ("eval", False), ("meta-train", True)])
