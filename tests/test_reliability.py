@@ -1222,11 +1222,15 @@ def test_a_config_value_of_the_wrong_type_is_named_not_a_traceback(tmp_path, cap
     assert not (tmp_path / "t").exists()
 
 
-def test_build_proxy_refuses_an_out_folder_holding_other_files(tmp_path, capsys):
+def test_build_proxy_refuses_an_out_folder_holding_other_files(tmp_path, capsys, monkeypatch):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "proxy.safetensors").write_bytes(b"my own weights")
-    rc, err = cli(capsys, "build-proxy", "--out", out, "--data", tmp_path / "nowhere")
+    monkeypatch.syspath_prepend(str(REPO / "tools"))  # the build script of the checkout (python tools/build_proxy.py)
+    from build_proxy import cli_main
+
+    capsys.readouterr()
+    rc, err = cli_main(["--out", str(out), "--data", str(tmp_path / "nowhere")]), capsys.readouterr().err
     assert rc == 2 and f"--out {out} holds files but no proxy build (no card.json)" in err, err
     assert (out / "proxy.safetensors").read_bytes() == b"my own weights"
 
