@@ -853,13 +853,9 @@ def _regulator_init(src: Path, dst: Path, case: str) -> Path:
     return init.save(dst)
 
 
-REGULATOR_CASES = ["30000-wide head", "head for no prompt", "rank not a number", "tensor of another shape",
-                   "tensor missing", "no config"]
-
-
-@pytest.mark.parametrize("case", REGULATOR_CASES)
-def test_an_init_whose_regulator_does_not_fit_is_refused_before_anything_is_allocated(tmp_path, trained, monkeypatch,
-                                                                                      case):
+@pytest.fixture
+def heads_built(monkeypatch) -> list:
+    """(width, device type) of every regulator head built while the test runs."""
     import gram_plugin.regulator as regulator_module
 
     built = []
@@ -870,6 +866,17 @@ def test_an_init_whose_regulator_does_not_fit_is_refused_before_anything_is_allo
         real_head(self, width, *a, **k)
 
     monkeypatch.setattr(regulator_module._Head, "__init__", spy)
+    return built
+
+
+REGULATOR_CASES = ["30000-wide head", "head for no prompt", "rank not a number", "tensor of another shape",
+                   "tensor missing", "no config"]
+
+
+@pytest.mark.parametrize("case", REGULATOR_CASES)
+def test_an_init_whose_regulator_does_not_fit_is_refused_before_anything_is_allocated(tmp_path, trained, heads_built,
+                                                                                      case):
+    built = heads_built
     bad = _regulator_init(trained / "m" / "init.safetensors", tmp_path / "bad.safetensors", case)
     with pytest.raises(PromptInitError, match="regulator") as e:
         GradientRegulator.from_init(_unchecked(bad))  # what an API caller may build, past PromptInit.load's checks
@@ -1070,17 +1077,8 @@ def test_a_base_new_split_with_fewer_than_2_classes_on_a_side_is_refused_on_the_
 
 @pytest.mark.parametrize("case", REGULATOR_CASES)
 def test_an_init_whose_regulator_does_not_fit_is_refused_on_the_cli_before_anything_is_written(tmp_path, capsys, trained,
-                                                                                      monkeypatch, case):
-    import gram_plugin.regulator as regulator_module
-
-    built = []
-    real_head = regulator_module._Head.__init__
-
-    def spy(self, width, *a, **k):
-        built.append((width, torch.empty(0).device.type))
-        real_head(self, width, *a, **k)
-
-    monkeypatch.setattr(regulator_module._Head, "__init__", spy)
+                                                                                                heads_built, case):
+    built = heads_built
     bad = _regulator_init(trained / "m" / "init.safetensors", tmp_path / "bad.safetensors", case)
     rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--init", bad)
     assert rc == 2 and f"init file {bad}" in err and "regulator" in err, err
