@@ -133,7 +133,7 @@ def hdbscan_alone(points_path: str, sizes) -> list[dict]:
 
     from gram_plugin.chc import CHCConfig
 
-    cfg, points, rows = CHCConfig(), np.load(points_path), []
+    cfg, points, rows = CHCConfig(min_cluster_size=100, min_samples=10), np.load(points_path), []  # the 41k values
     for n in sizes:
         t0, c0 = time.perf_counter(), time.process_time()
         labels = hdbscan.HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples,

@@ -71,3 +71,9 @@ def imagenet_root() -> Path:
 @pytest.fixture(scope="session")
 def hymenoptera_root() -> Path:
     return extract_shared("hymenoptera.tar")
+
+
+@pytest.fixture(scope="session")
+def flickr8k_1k_root() -> Path:
+    """The real image-caption corpus: 1,000 Flickr8k photos with 5 captions each (captions.txt + images/)."""
+    return extract_shared("flickr8k-1k.tar") / "flickr8k-1k"

@@ -202,7 +202,10 @@ def test_real_encoder_end_to_end_cli(tmp_path):
     assert h["n_topics"] == 3 and {"dog", "beach", "bike", "bicycle"} & names
     cached = list((tmp_path / "chc-cache").glob("emb-*.safetensors"))
     assert len(cached) == 1
-    assert chc.cli_main(argv) == 0  # second run reads the cache and gives the same hierarchy
+    before = out.read_bytes()
+    assert chc.cli_main(argv) == 2  # an existing --out is not replaced unless asked
+    assert out.read_bytes() == before
+    assert chc.cli_main(argv + ["--overwrite"]) == 0  # second run reads the cache and gives the same hierarchy
     h2 = chc.load_hierarchy(out)
     assert [t["captions"] for t in h2["topics"]] == [t["captions"] for t in h["topics"]]
 
@@ -309,3 +312,20 @@ def test_package_keeps_every_public_name():
                  "read_captions", "reduce_umap", "save_hierarchy", "summary", "unique_names"]
     assert all(hasattr(chc, n) for n in old_names)
     assert set(old_names) <= set(chc.__all__)
+
+
+def test_any_domain_support_ablation_draws_support_across_domains(hierarchy):
+    """support='any-domain' (no simulated domain shift): over draws, one class's support spans several domains."""
+    h, feats = hierarchy
+    src = CHCTaskSource(h, features=torch.from_numpy(feats), n_way=3, shots=4, queries=12, support="any-domain")
+    spans = 0
+    for s in range(10):
+        task = src.sample(torch.Generator().manual_seed(s))
+        assert task.info["support_domains"] == [None] * 3 and src.describe()["support"] == "any-domain"
+        for label, tid in enumerate(task.info["topics"]):
+            items = task.info["support_items"][4 * label:4 * label + 4]
+            domains = {d for d, dom in enumerate(h["topics"][tid]["domains"]) for i in items if i in dom}
+            spans += len(domains) > 1
+    assert spans > 10  # with one domain per class this stays 0 (test_support_from_one_domain_queries_from_all)
+    with pytest.raises(ValueError, match="support must be one of"):
+        CHCTaskSource(h, features=torch.from_numpy(feats), support="all")

@@ -9,6 +9,7 @@ from .config import CHCConfig, CHCError
 def cluster_hdbscan(points: np.ndarray, cfg: CHCConfig) -> np.ndarray:
     import hdbscan
 
+    cfg = cfg.resolved(len(points))  # unset sizes scale with the number of points (one per caption)
     if len(points) < cfg.min_cluster_size:
         raise CHCError(
             f"only {len(points)} points, fewer than min_cluster_size={cfg.min_cluster_size}; "

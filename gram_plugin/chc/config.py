@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import integer_at_least, one_of, raise_problems
 from ..errors import GramPluginError
+from .scaling import scaled_min_cluster_size, scaled_min_samples
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -17,7 +18,13 @@ class CHCError(GramPluginError, ValueError):
 
 @dataclass
 class CHCConfig:
-    """Settings of :func:`build_hierarchy` (defaults chosen on Flickr8k captions, see benchmarks/CHC.md)."""
+    """Settings of :func:`build_hierarchy` (defaults measured on Flickr8k captions and the flickr8k-1k
+    corpus, see benchmarks/CHC.md). HDBSCAN's two sizes left ``None`` scale with the corpus:
+    :meth:`resolved` gives the numbers for ``n_captions`` (build_hierarchy calls it).
+
+    Raises:
+        gram_plugin.config.ConfigError: every invalid field, in one message.
+    """
 
     model: str = DEFAULT_MODEL  # sentence-transformers name or path; the default loads offline
     batch_size: int = 256  # sentences per encoder batch
@@ -29,8 +36,10 @@ class CHCConfig:
     # approximate search, single-threaded under a seed; "auto" = exact up to exact_knn_max points.
     knn: str = "auto"
     exact_knn_max: int = 100_000
-    min_cluster_size: int = 100  # HDBSCAN
-    min_samples: int | None = 10  # HDBSCAN (None = min_cluster_size)
+    # HDBSCAN; None (default): scaled with the number of captions by scaling.py's documented rule
+    # (100 and 10 from about 40,000 captions on, the values chosen on Flickr8k; 12 and 3 for 5,000)
+    min_cluster_size: int | None = None
+    min_samples: int | None = None
     cluster_selection_method: str = "eom"  # or "leaf" (more, smaller topics)
     noise: str = "drop"  # "drop" or "nearest"
     n_domains: int = 3  # k of k-means inside each topic
@@ -43,11 +52,12 @@ class CHCConfig:
         # every problem at once, each field checked for its type before its range (a string never
         # reaches a comparison: one ConfigError, no TypeError)
         problems = []
-        for name, low in (("batch_size", 1), ("umap_neighbors", 2), ("umap_components", 1), ("min_cluster_size", 2),
-                          ("n_domains", 1), ("top_words", 1), ("exact_knn_max", 1), ("seed", 0)):
+        for name, low in (("batch_size", 1), ("umap_neighbors", 2), ("umap_components", 1), ("n_domains", 1),
+                          ("top_words", 1), ("exact_knn_max", 1), ("seed", 0)):
             problems += integer_at_least(name, getattr(self, name), low)
-        if self.min_samples is not None:
-            problems += [p.replace("must be", "must be None or") for p in integer_at_least("min_samples", self.min_samples, 1)]
+        for name, low in (("min_cluster_size", 2), ("min_samples", 1)):  # None: scaled with the corpus
+            if getattr(self, name) is not None:
+                problems += [p.replace("must be", "must be None or") for p in integer_at_least(name, getattr(self, name), low)]
         md = self.umap_min_dist
         if not (isinstance(md, (int, float)) and not isinstance(md, bool) and 0 <= md <= 1):
             problems.append(f"umap_min_dist must be a number in [0, 1], got {md!r}")
@@ -60,6 +70,16 @@ class CHCConfig:
         if not isinstance(self.progress, bool):
             problems.append(f"progress must be True or False, got {self.progress!r}")
         raise_problems("CHCConfig", problems)
+
+    def resolved(self, n_captions: int) -> "CHCConfig":
+        """This config with HDBSCAN's unset sizes filled in for a corpus of ``n_captions`` (scaling.py)."""
+        mcs = self.min_cluster_size if self.min_cluster_size is not None else scaled_min_cluster_size(n_captions)
+        ms = self.min_samples if self.min_samples is not None else scaled_min_samples(mcs)
+        return replace(self, min_cluster_size=mcs, min_samples=ms)
+
+    def scaled_fields(self) -> list[str]:
+        """The fields :meth:`resolved` fills in (those left ``None``)."""
+        return [n for n in ("min_cluster_size", "min_samples") if getattr(self, n) is None]
 
 
 def _progress(msg: str, on: bool):

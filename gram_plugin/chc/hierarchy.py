@@ -38,10 +38,11 @@ def build_hierarchy(
     first appearance. ``image_features``: (n_images, d) aligned with that order (or with captions if
     there are no ids). ``embeddings``: precomputed sentence embeddings (skips the encoder).
     """
-    cfg = config or CHCConfig()
     captions = list(captions)
     if not captions:
         raise CHCError("no captions given")
+    scaled = (config or CHCConfig()).scaled_fields()
+    cfg = (config or CHCConfig()).resolved(len(captions))
     timings = {}
     if image_ids is not None and len(image_ids) != len(captions):
         raise CHCError(f"{len(image_ids)} image ids for {len(captions)} captions: need one per caption")
@@ -138,6 +139,7 @@ def build_hierarchy(
     return {
         "format": FORMAT,
         "config": asdict(cfg),
+        "scaled_settings": {name: getattr(cfg, name) for name in scaled},  # fields set by CHCConfig.resolved
         "model": _model_identity(cfg.model),
         "captions_sha256": captions_hash(captions),
         "n_captions": len(captions),

@@ -11,6 +11,8 @@ from ..tasks import Task
 from .config import CHCError
 from .hierarchy import load_hierarchy
 
+SUPPORT_MODES = ("one-domain", "any-domain")  # GRAM's domain shift, or none (ablation)
+
 class CHCTaskSource:
     """GRAM domain-shift tasks from a CHC hierarchy.
 
@@ -21,6 +23,9 @@ class CHCTaskSource:
 
     Give exactly one of ``features`` (Tensor (n_items, dim), row = item index) or ``load_image``
     (item index -> image Tensor (3, H, W)); batches are the standard CLIP batch.
+
+    ``support="any-domain"`` draws the support uniformly from the whole topic instead (the ablation
+    without the simulated domain shift; ``info["support_domains"]`` is then ``None`` per class).
     """
 
     def __init__(
@@ -31,6 +36,7 @@ class CHCTaskSource:
         n_way: int = 5,
         shots: int = 1,
         queries: int = 4,
+        support: str = "one-domain",
     ):
         h = hierarchy if isinstance(hierarchy, dict) else load_hierarchy(hierarchy)
         if (features is None) == (load_image is None):
@@ -38,6 +44,9 @@ class CHCTaskSource:
         for name, v in (("n_way", n_way), ("shots", shots), ("queries", queries)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if support not in SUPPORT_MODES:
+            raise ValueError(f"support must be one of {list(SUPPORT_MODES)}, got {support!r}")
+        self.support = support
         if features is not None:
             features = torch.as_tensor(features)
             if features.ndim != 2 or features.shape[0] != h["n_items"]:
@@ -50,13 +59,14 @@ class CHCTaskSource:
         self.topics = []
         self.skipped = []
         for t in h["topics"]:
-            ok_domains = [d for d in range(len(t["domains"])) if len(t["domains"][d]) >= shots]
+            ok_domains = [d for d in range(len(t["domains"])) if len(t["domains"][d]) >= shots or support == "any-domain"]
             ok = [d for d in ok_domains if len(t["items"]) - shots >= queries]
             (self.topics if ok else self.skipped).append(t["id"])
         self._by_id = {t["id"]: t for t in h["topics"]}
         if len(self.topics) < n_way:
             raise CHCError(
-                f"only {len(self.topics)} of {len(h['topics'])} topics can give {shots} shots from one domain "
+                f"only {len(self.topics)} of {len(h['topics'])} topics can give {shots} shots from "
+                f"{'one domain' if support == 'one-domain' else 'the topic'} "
                 f"plus {queries} queries, fewer than n_way={n_way}; lower n_way / shots / queries"
             )
 
@@ -79,9 +89,12 @@ class CHCTaskSource:
         for label, tid in enumerate(chosen):
             t = self._by_id[tid]
             classnames.append(t["name"])
-            ok = [d for d in range(len(t["domains"])) if len(t["domains"][d]) >= self.shots]
-            d = ok[int(torch.randint(len(ok), (1,), generator=generator))]
-            dom_items = t["domains"][d]
+            if self.support == "one-domain":
+                ok = [d for d in range(len(t["domains"])) if len(t["domains"][d]) >= self.shots]
+                d = ok[int(torch.randint(len(ok), (1,), generator=generator))]
+                dom_items = t["domains"][d]
+            else:
+                d, dom_items = None, t["items"]
             support = [dom_items[j] for j in randperm(len(dom_items))[: self.shots]]
             taken = set(support)
             rest = [i for i in t["items"] if i not in taken]
@@ -110,6 +123,7 @@ class CHCTaskSource:
             "n_way": self.n_way,
             "shots": self.shots,
             "queries": self.queries,
+            "support": self.support,
             "usable_topics": len(self.topics),
             "skipped_topics": len(self.skipped),
         }
