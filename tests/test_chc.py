@@ -280,7 +280,7 @@ def test_embeddings_are_cached_per_chunk_and_a_resumed_encode_only_fills_the_gap
 
 @pytest.mark.parametrize("field, value, message", [
     ("umap_neighbors", "15", "umap_neighbors must be an integer >= 2, got '15'"),
-    ("min_cluster_size", "100", "min_cluster_size must be an integer >= 2, got '100'"),
+    ("min_cluster_size", "100", "min_cluster_size must be None or an integer >= 2, got '100'"),
     ("min_samples", "10", "min_samples must be None or an integer >= 1, got '10'"),
     ("umap_min_dist", "0.1", "umap_min_dist must be a number in [0, 1], got '0.1'"),
     ("n_domains", 2.5, "n_domains must be an integer >= 1, got 2.5"),

@@ -71,3 +71,37 @@ def corpus_task_source(hierarchy: dict, corpus: Corpus, *, features: torch.Tenso
         hint = (f"; or build more, smaller topics: lower min_cluster_size (--min-cluster-size, this hierarchy "
                 f"used {mcs}) or add images to the corpus") if mcs is not None else ""
         raise CHCError(f"{e}{hint}") from None
+
+
+class ImageTower:
+    """What :class:`~gram_plugin.cache.FeatureCache` needs from a backbone, around any frozen image encoder
+    (e.g. a Dassl trainer's CLIP ``clip_model.visual``), so a corpus is encoded and cached the same way.
+
+    Args:
+        encode_image: preprocessed images (N, 3, H, W) -> features (N, D); run under ``no_grad``.
+        name: the cache key's backbone name (say what the encoder and its input are).
+        weights_id: identity of the weights for the cache key; for a module, :meth:`from_module`
+            hashes its state.
+        preprocess: the transform for datasets that have none (a ready dataset brings its own).
+        device: where images go before ``encode_image``.
+    """
+
+    def __init__(self, encode_image: Callable, name: str, weights_id: str, preprocess: Callable | None = None,
+                 device: str | torch.device = "cpu"):
+        self.encode_image, self.name, self._weights_id = encode_image, name, weights_id
+        self.preprocess, self.device = preprocess, torch.device(device)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, name: str, preprocess: Callable | None = None) -> "ImageTower":
+        """An image tower over ``module`` (called as ``module(images)``), keyed by a hash of its weights."""
+        from ..backbones import _state_digest
+
+        dtype = next(module.parameters()).dtype
+        device = next(module.parameters()).device
+        return cls(lambda images: module(images.to(dtype)), name, _state_digest(module), preprocess, device)
+
+    def weights_id(self) -> str:
+        return self._weights_id
+
+    def parameters(self):  # encode_dataset moves the images to the first parameter's device
+        yield torch.empty(0, device=self.device)
