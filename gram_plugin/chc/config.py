@@ -37,7 +37,7 @@ class CHCConfig:
     knn: str = "auto"
     exact_knn_max: int = 100_000
     # HDBSCAN; None (default): scaled with the number of captions by scaling.py's documented rule
-    # (100 and 10 from about 40,000 captions on, the values chosen on Flickr8k; 12 and 3 for 5,000)
+    # (100 and 10 from 25,000 captions on, the values chosen on Flickr8k; 20 and 3 for 5,000)
     min_cluster_size: int | None = None
     min_samples: int | None = None
     cluster_selection_method: str = "eom"  # or "leaf" (more, smaller topics)

@@ -2,21 +2,23 @@
 ``min_samples`` of :class:`~gram_plugin.chc.CHCConfig` becomes).
 
 HDBSCAN's ``min_cluster_size`` is an absolute count, so one value cannot suit every corpus: 100 (chosen
-on Flickr8k's 40,961 captions: 80 topics) leaves 5,000 captions with 2 topics. The rule keeps the
-topic size proportional to the corpus up to that reference and fixed above it (a larger corpus then
-gives more topics, which is what many varied tasks need); the measurements that chose it are in
-benchmarks/CHC.md ("Settings for small corpora").
+on Flickr8k's 40,961 captions: 80 topics) leaves the 5,000 captions of flickr8k-1k with 2 topics, where
+20 (with min_samples 3) gives 77-82 topics, ~50 of which can give 4 support images from one visual
+domain plus 4 queries. The rule keeps the topic size proportional to the corpus through those two
+measured points and fixed at 100 above 25,000 captions (a larger corpus then gives more topics;
+not measured above 41k). The measurements that chose it: benchmarks/CHC.md, "CHC settings for a
+small corpus".
 """
 
 from __future__ import annotations
 
-CAPTIONS_PER_MIN_CLUSTER = 400  # min_cluster_size = n_captions / 400, rounded ...
-MIN_CLUSTER_SIZE_RANGE = (5, 100)  # ... and kept in [5, 100] (100 from about 40,000 captions on)
+CAPTIONS_PER_MIN_CLUSTER = 250  # min_cluster_size = n_captions / 250, rounded ...
+MIN_CLUSTER_SIZE_RANGE = (5, 100)  # ... and kept in [5, 100] (100 from 25,000 captions on)
 MIN_SAMPLES_RANGE = (3, 10)  # min_samples = min_cluster_size / 10, kept in [3, 10]
 
 SCALING_HELP = (f"default: scaled with the number of captions n: round(n / {CAPTIONS_PER_MIN_CLUSTER}) kept in "
                 f"[{MIN_CLUSTER_SIZE_RANGE[0]}, {MIN_CLUSTER_SIZE_RANGE[1]}], min_samples = that / 10 kept in "
-                f"[{MIN_SAMPLES_RANGE[0]}, {MIN_SAMPLES_RANGE[1]}] (5,000 captions: 12 and 3; 40,000: 100 and 10)")
+                f"[{MIN_SAMPLES_RANGE[0]}, {MIN_SAMPLES_RANGE[1]}] (5,000 captions: 20 and 3; 40,000: 100 and 10)")
 
 
 def _clamp(v: int, bounds: tuple[int, int]) -> int:
