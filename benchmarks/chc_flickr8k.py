@@ -23,10 +23,12 @@ def main(argv):
     p.add_argument("--out", default="/tmp/chc-flickr8k")
     p.add_argument("--captions", default=str(CAPTIONS))
     args, extra = p.parse_known_args(argv)
-    from gram_plugin.chc import cli_main, load_hierarchy
+    from gram_plugin.chc import load_hierarchy
+    from gram_plugin.cli import main
 
     out = Path(args.out) / "hierarchy.json"
-    rc = cli_main(["--captions", args.captions, "--out", str(out), "--cache-dir", str(Path(args.out) / "cache"), *extra])
+    rc = main(["chc", "--captions", args.captions, "--out", str(out), "--cache-dir", str(Path(args.out) / "cache"),
+               "--overwrite", *extra])
     wall = time.perf_counter() - T0
     if rc:
         return rc

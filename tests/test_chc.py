@@ -11,6 +11,7 @@ import torch
 
 from gram_plugin import chc
 from gram_plugin.chc import CHCConfig, CHCError, CHCTaskSource, build_hierarchy, ctfidf, rank_words
+from gram_plugin.cli import main as cli_main
 from gram_plugin.tasks import TaskSource
 
 
@@ -177,7 +178,7 @@ def test_read_captions_flickr_format_and_cli(tmp_path):
         f.write("a.jpg#0\tA dog runs .\na.jpg#1\tA dog plays . b.jpg#0\tA bike on a road .\n")
     caps, ids = chc.read_captions(p)
     assert caps == ["A dog runs .", "A dog plays .", "A bike on a road ."] and ids == ["a.jpg", "a.jpg", "b.jpg"]
-    assert chc.cli_main(["--captions", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "h.json")]) == 2
+    assert cli_main(["chc", "--captions", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "h.json")]) == 2
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -194,18 +195,18 @@ def test_real_encoder_end_to_end_cli(tmp_path):
     cap_file = tmp_path / "caps.txt"
     cap_file.write_text("\n".join(lines) + "\n")
     out = tmp_path / "h.json"
-    argv = ["--captions", str(cap_file), "--out", str(out), "--umap-neighbors", "10", "--min-cluster-size", "8",
+    argv = ["chc", "--captions", str(cap_file), "--out", str(out), "--umap-neighbors", "10", "--min-cluster-size", "8",
             "--min-samples", "3", "--quiet"]
-    assert chc.cli_main(argv) == 0
+    assert cli_main(argv) == 0
     h = chc.load_hierarchy(out)
     names = {t["name"] for t in h["topics"]}
     assert h["n_topics"] == 3 and {"dog", "beach", "bike", "bicycle"} & names
     cached = list((tmp_path / "chc-cache").glob("emb-*.safetensors"))
     assert len(cached) == 1
     before = out.read_bytes()
-    assert chc.cli_main(argv) == 2  # an existing --out is not replaced unless asked
+    assert cli_main(argv) == 2  # an existing --out is not replaced unless asked
     assert out.read_bytes() == before
-    assert chc.cli_main(argv + ["--overwrite"]) == 0  # second run reads the cache and gives the same hierarchy
+    assert cli_main(argv + ["--overwrite"]) == 0  # second run reads the cache and gives the same hierarchy
     h2 = chc.load_hierarchy(out)
     assert [t["captions"] for t in h2["topics"]] == [t["captions"] for t in h["topics"]]
 
@@ -305,9 +306,10 @@ def test_config_lists_every_problem_at_once():
 
 
 def test_package_keeps_every_public_name():
-    """The stage split keeps ``from gram_plugin.chc import X`` working for every name of the old module."""
+    """The stage split keeps ``from gram_plugin.chc import X`` working for every library name of the old module
+    (its command, build_parser / cli_main, is the CLI's: gram_plugin/cli/chc.py)."""
     old_names = ["CHCConfig", "CHCError", "CHCTaskSource", "DEFAULT_MODEL", "ENCODE_CHUNK", "FORMAT", "build_hierarchy",
-                 "build_parser", "captions_hash", "cli_main", "cluster_hdbscan", "ctfidf", "embed_captions",
+                 "captions_hash", "cluster_hdbscan", "ctfidf", "embed_captions",
                  "exact_cosine_knn", "kmeans_domains", "load_hierarchy", "load_image_features", "rank_words",
                  "read_captions", "reduce_umap", "save_hierarchy", "summary", "unique_names"]
     assert all(hasattr(chc, n) for n in old_names)

@@ -29,7 +29,8 @@ topic has one domain holding all its items.
 :class:`CHCTaskSource` turns a hierarchy into meta-learning tasks: K_t topics; support from ONE
 visual domain per topic, query uniformly from the rest of the topic's items (all domains).
 
-Layout (one stage per module; ``from gram_plugin.chc import ...`` gives every public name)::
+Layout (one stage per module; ``from gram_plugin.chc import ...`` gives every public name; the
+``gram-plugin chc`` command is gram_plugin/cli/chc.py)::
 
     config.py      CHCConfig, CHCError, DEFAULT_MODEL
     reading.py     read_captions, load_image_features
@@ -42,22 +43,20 @@ Layout (one stage per module; ``from gram_plugin.chc import ...`` gives every pu
     scaling.py     how HDBSCAN's sizes scale with the number of captions (CHCConfig's defaults)
     tasks.py       CHCTaskSource
     corpus.py      image-caption corpora: read_corpus, Corpus, CorpusError (Flickr / COCO / CC3M-style)
-    images.py      corpus_features (frozen image tower, FeatureCache), corpus_task_source
+    images.py      corpus_features (frozen image tower, FeatureCache), corpus_task_source, ImageTower
     view.py        describe_hierarchy (text report), draw_hierarchy (thumbnails per topic and domain)
     pipeline.py    corpus_chc -> CorpusCHC (corpus, features, hierarchy, .task_source), write_hierarchy
-    command.py     the ``gram-plugin chc`` command (build_parser, cli_main)
 """
 
 from __future__ import annotations
 
 from .clustering import cluster_hdbscan
-from .command import build_parser, cli_main
 from .config import DEFAULT_MODEL, CHCConfig, CHCError
 from .corpus import Corpus, CorpusError, read_corpus
 from .domains import kmeans_domains
 from .embedding import ENCODE_CHUNK, _resolve_model, captions_hash, embed_captions
 from .hierarchy import FORMAT, build_hierarchy, load_hierarchy, save_hierarchy, summary
-from .images import corpus_features, corpus_task_source
+from .images import ImageTower, corpus_features, corpus_task_source
 from .naming import ctfidf, rank_words, unique_names
 from .pipeline import CorpusCHC, corpus_chc, write_hierarchy
 from .reading import load_image_features, read_captions
@@ -67,9 +66,9 @@ from .view import describe_hierarchy, draw_hierarchy
 
 __all__ = [
     "CHCConfig", "CHCError", "CHCTaskSource", "DEFAULT_MODEL", "ENCODE_CHUNK", "FORMAT",
-    "Corpus", "CorpusCHC", "CorpusError", "corpus_chc", "corpus_features", "corpus_task_source", "describe_hierarchy",
+    "Corpus", "CorpusCHC", "CorpusError", "ImageTower", "corpus_chc", "corpus_features", "corpus_task_source", "describe_hierarchy",
     "draw_hierarchy", "read_corpus", "write_hierarchy",
-    "build_hierarchy", "build_parser", "captions_hash", "cli_main", "cluster_hdbscan", "ctfidf",
+    "build_hierarchy", "captions_hash", "cluster_hdbscan", "ctfidf",
     "embed_captions", "exact_cosine_knn", "kmeans_domains", "load_hierarchy", "load_image_features",
     "rank_words", "read_captions", "reduce_umap", "save_hierarchy", "summary", "unique_names",
 ]

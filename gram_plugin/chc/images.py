@@ -63,9 +63,14 @@ def corpus_task_source(hierarchy: dict, corpus: Corpus, *, features: torch.Tenso
         if len(dataset) != len(corpus):
             raise ValueError(f"dataset has {len(dataset)} images, the corpus {len(corpus)}")
         load_image = dataset.load_image
+    cfg = hierarchy.get("config") or {}
+    info = {"corpus": str(corpus.root), "corpus_format": corpus.format, "n_images": len(corpus),
+            "n_captions": corpus.n_captions, "n_topics": hierarchy["n_topics"],
+            "chc": {k: cfg.get(k) for k in ("min_cluster_size", "min_samples", "n_domains", "seed")},
+            "image_features": (hierarchy.get("image_features") or {}).get("backbone")}
     try:
         return CHCTaskSource(hierarchy, features=features, load_image=load_image, n_way=n_way, shots=shots,
-                             queries=queries, support=support)
+                             queries=queries, support=support, info=info)
     except CHCError as e:
         mcs = (hierarchy.get("config") or {}).get("min_cluster_size")
         hint = (f"; or build more, smaller topics: lower min_cluster_size (--min-cluster-size, this hierarchy "
@@ -80,8 +85,7 @@ class ImageTower:
     Args:
         encode_image: preprocessed images (N, 3, H, W) -> features (N, D); run under ``no_grad``.
         name: the cache key's backbone name (say what the encoder and its input are).
-        weights_id: identity of the weights for the cache key; for a module, :meth:`from_module`
-            hashes its state.
+        weights_id: identity of the weights for the cache key (e.g. ``backbones._state_digest(module)``).
         preprocess: the transform for datasets that have none (a ready dataset brings its own).
         device: where images go before ``encode_image``.
     """
@@ -90,15 +94,6 @@ class ImageTower:
                  device: str | torch.device = "cpu"):
         self.encode_image, self.name, self._weights_id = encode_image, name, weights_id
         self.preprocess, self.device = preprocess, torch.device(device)
-
-    @classmethod
-    def from_module(cls, module: torch.nn.Module, name: str, preprocess: Callable | None = None) -> "ImageTower":
-        """An image tower over ``module`` (called as ``module(images)``), keyed by a hash of its weights."""
-        from ..backbones import _state_digest
-
-        dtype = next(module.parameters()).dtype
-        device = next(module.parameters()).device
-        return cls(lambda images: module(images.to(dtype)), name, _state_digest(module), preprocess, device)
 
     def weights_id(self) -> str:
         return self._weights_id

@@ -47,7 +47,7 @@ class CorpusCHC:
 
 def corpus_chc(corpus: Corpus, backbone=None, config: CHCConfig | None = None,
                cache_dir: str | os.PathLike | None = None, features: torch.Tensor | None = None,
-               progress: bool | None = None) -> CorpusCHC:
+               progress: bool | None = None, features_from: dict | None = None) -> CorpusCHC:
     """CHC over the corpus captions, with visual domains from the corpus image features.
 
     Args:
@@ -58,6 +58,7 @@ def corpus_chc(corpus: Corpus, backbone=None, config: CHCConfig | None = None,
         cache_dir: caption embeddings and image features are cached here (none: not cached, and
             a backbone's features are then computed in memory).
         progress: progress bars (default: ``config.progress``).
+        features_from: what made the given ``features`` (recorded as the hierarchy's ``image_features``).
 
     Raises:
         CHCError: the clustering cannot go on (the message says which knob to turn).
@@ -66,7 +67,7 @@ def corpus_chc(corpus: Corpus, backbone=None, config: CHCConfig | None = None,
     cfg = config or CHCConfig()
     progress = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
-    described = None
+    described = features_from
     if features is None and backbone is not None:
         if cache_dir is None:
             from ..cache import encode_dataset

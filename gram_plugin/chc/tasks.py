@@ -26,6 +26,7 @@ class CHCTaskSource:
 
     ``support="any-domain"`` draws the support uniformly from the whole topic instead (the ablation
     without the simulated domain shift; ``info["support_domains"]`` is then ``None`` per class).
+    ``info`` (JSON-able) is added to :meth:`describe`, which an exported init records.
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class CHCTaskSource:
         shots: int = 1,
         queries: int = 4,
         support: str = "one-domain",
+        info: dict | None = None,
     ):
         h = hierarchy if isinstance(hierarchy, dict) else load_hierarchy(hierarchy)
         if (features is None) == (load_image is None):
@@ -47,6 +49,7 @@ class CHCTaskSource:
         if support not in SUPPORT_MODES:
             raise ValueError(f"support must be one of {list(SUPPORT_MODES)}, got {support!r}")
         self.support = support
+        self.info = dict(info or {})  # added to describe(): e.g. the corpus the hierarchy came from
         if features is not None:
             features = torch.as_tensor(features)
             if features.ndim != 2 or features.shape[0] != h["n_items"]:
@@ -124,6 +127,7 @@ class CHCTaskSource:
             "shots": self.shots,
             "queries": self.queries,
             "support": self.support,
+            **self.info,
             "usable_topics": len(self.topics),
             "skipped_topics": len(self.skipped),
         }

@@ -1,7 +1,7 @@
-"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo (+ chc).
+"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo | chc.
 
 One module per command (``demo``, ``meta_train`` with its Dassl path in ``dassl``, ``tune``, ``eval``,
-``inspect``), each adding its own parser; what they share: ``options`` (flags, the CLI's config
+``inspect``, ``chc``), each adding its own parser; what they share: ``options`` (flags, the CLI's config
 dataclasses, ``CLIError``), ``plan`` (every option checked before anything is loaded), ``run_folder``
 (``--out``), ``pipeline`` (the standalone path's steps), ``parser`` (the parser and ``--config`` yaml).
 
@@ -17,7 +17,6 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from ..errors import GramPluginError
@@ -30,20 +29,9 @@ from .run_folder import Run
 __all__ = ["main", "build_parser", "parse", "plan", "Plan", "Run", "CLIError", "DataConfig", "TaskConfig",
            "DasslConfig", "DEMO_SETTINGS", "prepare_data"]
 
-# commands with their own parser: name -> module with cli_main(argv). The corpus workstream moves chc's
-# parser into this package (a module here, added to parser.COMMANDS) and drops it from this table.
-OWN_PARSER = {"chc": "gram_plugin.chc"}
 # commands that left the installed package -> where they live now
 MOVED = {"build-proxy": "build-proxy is a build script of the checkout now: python tools/build_proxy.py --out DIR "
                         "(from a gram-plugin checkout; the build it makes by default ships in gram_plugin/assets/proxy)"}
-
-
-def _dispatch(module: str, argv: list[str]) -> int:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise CLIError(f"{module} is not available ({e})") from None
-    return int(mod.cli_main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in MOVED:
             raise CLIError(MOVED[argv[0]])
-        if argv and argv[0] in OWN_PARSER:
-            return _dispatch(OWN_PARSER[argv[0]], [a for a in argv[1:] if a != "--debug"])
         args = parse(argv)
         return int(args.func(args) or 0)
     except ModuleNotFoundError as e:  # an optional dependency: name the extra that installs it

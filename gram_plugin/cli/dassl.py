@@ -143,10 +143,16 @@ def meta_train_through_dassl(args) -> int:
         trainer = build_trainer(cfg)
         adapter = adapter_class(trainer_cls)(trainer)
         ds = trainer.dm.dataset
-        images = decoded_once_dataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames, cfg.INPUT.SIZE[0],
-                                      cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.DATASET.NAME, cache=dassl.image_cache)
+        clip_model = adapter.frozen_clip()
+        if p.tasks.corpus is not None:  # GRAM's tasks from an image-caption corpus, as the trainer's input
+            tasks = corpus_task_source_for_trainer(p, run, cfg, clip_model, resume=args.resume, quiet=args.quiet)
+        else:
+            images = decoded_once_dataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames,
+                                          cfg.INPUT.SIZE[0], cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.DATASET.NAME,
+                                          cache=dassl.image_cache)
+            tasks = task_source(p.tasks, p.data.shots, images)
         gram = args.method == "gram"
-        init = meta_train(trainer, task_source(p.tasks, p.data.shots, images), p.meta, clip_model=adapter.frozen_clip(),
+        init = meta_train(trainer, tasks, p.meta, clip_model=clip_model,
                           tokenize=adapter.tokenizer(), regulator=gram or None, run_dir=run.path("meta"),
                           resume=args.resume, adapter=adapter,
                           metadata={"backbone": cfg.MODEL.BACKBONE.NAME, "dataset": cfg.DATASET.NAME,
@@ -158,3 +164,27 @@ def meta_train_through_dassl(args) -> int:
         run.log(f'load it in train.py with  wrap(trainer, init="{out}"{", regulator=True" if gram else ""})  '
                 f"or the options  GRAM.ENABLED True GRAM.INIT {out}")
     return 0
+
+
+def corpus_task_source_for_trainer(p, run, cfg, clip_model, resume: bool = False, quiet: bool = False):
+    """``--tasks chc:CORPUS`` through the trainer: the corpus images preprocessed as the trainer's input
+    (``INPUT.SIZE``, its pixel mean / std; decoded once), their features from the trainer's own frozen CLIP
+    image tower (cached in OUT/feature_cache) for CHC's visual domains, and the task source drawing those
+    images. The hierarchy, its report and picture go into the run folder."""
+    from ..backbones import _state_digest
+    from ..cache import FeatureCache
+    from ..chc import ImageTower
+    from ..data import Item
+    from .corpus import corpus_hierarchy, corpus_task_source
+
+    corpus, size = p.corpus, cfg.INPUT.SIZE[0]
+    mean, std = list(cfg.INPUT.PIXEL_MEAN), list(cfg.INPUT.PIXEL_STD)
+    images = decoded_once_dataset([Item(path, 0) for path in corpus.image_paths], ["image"], size, mean, std,
+                                  f"corpus-{corpus.root.name}", cache=p.dassl.image_cache)
+    tower = ImageTower(clip_model.encode_image, f"dassl-{cfg.MODEL.BACKBONE.NAME}-{size}px-mean{mean}-std{std}",
+                       _state_digest(clip_model.visual))
+    cache_dir = run.path("feature_cache")
+    features = FeatureCache(cache_dir, progress=not quiet).features(tower, images)
+    result = corpus_hierarchy(p, run, cache_dir, features=features, resume=resume,
+                              features_from={"backbone": tower.name, "weights": tower.weights_id()})
+    return corpus_task_source(p, result, dataset=images)

@@ -9,7 +9,9 @@ checkpoints in ``meta/`` that ``--resume`` continues from.
 
 from __future__ import annotations
 
-from .options import add_dassl, add_general, add_meta, add_renamed, add_run_folder, add_shots, add_standalone, add_tasks
+from .options import (
+    add_chc_tasks, add_dassl, add_general, add_meta, add_renamed, add_run_folder, add_shots, add_standalone, add_tasks,
+)
 from .pipeline import command, meta_curve, meta_train
 
 DESCRIPTION = """Meta-learn a prompt init (and GRAM's gradient regulator) on tasks from base classes; writes
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
     add_general(p)
     tasks = add_tasks(p)
     add_shots(tasks)
+    add_chc_tasks(p)
     add_standalone(p.add_argument_group("the standalone model and data (default)"))
     add_dassl(p)
     add_meta(p)
@@ -41,11 +44,37 @@ def cmd_meta_train(args) -> int:
         from .dassl import meta_train_through_dassl
 
         return meta_train_through_dassl(args)
+    if args.tasks.startswith("chc:"):
+        return meta_train_on_corpus(args)
     with command(args) as (p, backbone, data, run):
         init, hist = meta_train(args, p, backbone, data, run, method=args.method, run_dir=run.path("meta"),
                                 resume=args.resume)
         path = init.save(run.path("init.safetensors"), overwrite=True)
         run.write_metrics({"meta_train": meta_curve(hist),
                            "meta_steps": init.metadata["meta_steps"], "skipped_steps": init.metadata["skipped_steps"]})
+        run.log(f"wrote {path}")
+    return 0
+
+
+def meta_train_on_corpus(args) -> int:
+    """The standalone model meta-trained on GRAM's tasks of an image-caption corpus (``--tasks chc:CORPUS``):
+    no labelled data; the hierarchy, its report and picture go into the run folder."""
+    from pathlib import Path
+
+    from .corpus import corpus_hierarchy, corpus_task_source
+    from .pipeline import open_run, start
+
+    p, backbone = start(args, data=False)
+    with open_run(args) as run:
+        cache_dir = None if args.no_cache else (Path(args.cache_dir) if args.cache_dir else run.path("feature_cache"))
+        result = corpus_hierarchy(p, run, cache_dir, backbone=backbone, resume=args.resume)
+        # text prompts alone: the frozen tower's features; a visual prompt needs the pixels
+        images = {} if p.prompt.mode == "coop" else {"transform": backbone.preprocess}
+        source = corpus_task_source(p, result, **images)
+        init, hist = meta_train(args, p, backbone, None, run, method=args.method, run_dir=run.path("meta"),
+                                resume=args.resume, source=source)
+        path = init.save(run.path("init.safetensors"), overwrite=True)
+        run.write_metrics({"meta_train": meta_curve(hist), "meta_steps": init.metadata["meta_steps"],
+                           "skipped_steps": init.metadata["skipped_steps"], "source_tasks": source.describe()})
         run.log(f"wrote {path}")
     return 0

@@ -44,7 +44,8 @@ class DataConfig:
         raise_problems("DataConfig", problems)
 
 
-TASK_KINDS = ("n-way", "per-dataset")
+TASK_KINDS = ("n-way", "per-dataset", "chc:CORPUS")
+CHC_PREFIX = "chc:"
 
 
 @dataclass
@@ -59,20 +60,35 @@ class TaskConfig:
     every 5-way task holds all five (tasks differ in their images only).
     """
 
-    tasks: str = "n-way"  # n-way: n_way classes per task | per-dataset: all base classes (MAML + clipping)
+    # n-way: n_way classes per task | per-dataset: all base classes (MAML + clipping) | chc:CORPUS: GRAM's
+    # tasks from an image-caption corpus (n_way CHC topics, k_support images from ONE visual domain of each,
+    # k_query from all its domains; gram_plugin.chc)
+    tasks: str = "n-way"
     n_way: int = 5  # classes per n-way task
     k_support: int = 5  # support images per class
     k_query: int = 7  # query images per class (n-way; per-dataset tasks query the other shots - k_support)
 
     def __post_init__(self):
-        problems = one_of("tasks", self.tasks, TASK_KINDS)
+        if isinstance(self.tasks, str) and self.tasks.startswith(CHC_PREFIX):
+            problems = [] if self.corpus else ["tasks chc:CORPUS needs the corpus: a folder or its captions file"]
+        else:
+            problems = one_of("tasks", self.tasks, TASK_KINDS)
         problems += integer_at_least("n_way", self.n_way, 2)
         problems += integer_at_least("k_support", self.k_support, 1)
         problems += integer_at_least("k_query", self.k_query, 1)
         raise_problems("TaskConfig", problems)
 
+    @property
+    def corpus(self) -> str | None:
+        """The corpus of ``chc:CORPUS`` tasks (None for the tasks from labelled base classes)."""
+        if isinstance(self.tasks, str) and self.tasks.startswith(CHC_PREFIX):
+            return self.tasks[len(CHC_PREFIX):]
+        return None
+
     def pool_problems(self, shots: int) -> list[str]:
         """What the tasks cannot draw from ``shots`` images per class (0 = every image: not known yet)."""
+        if self.corpus is not None:  # topics, not classes: checked once the hierarchy is built
+            return []
         if self.tasks == "per-dataset":
             if not shots or self.k_support >= shots:
                 return [f"--tasks per-dataset needs --k-support {self.k_support} < --shots (the rest of each class's "
@@ -246,9 +262,12 @@ def add_tasks(p: argparse.ArgumentParser):
     """The task flags (defaults: TaskConfig) in their own group; returns the group."""
     t = lambda name: default(TaskConfig, name)  # noqa: E731
     g = p.add_argument_group("where the tasks come from")
-    g.add_argument("--tasks", default=t("tasks"), choices=list(TASK_KINDS),
+    g.add_argument("--tasks", default=t("tasks"), metavar="{n-way,per-dataset,chc:CORPUS}",
                    help="n-way: --n-way base classes per task, --k-support + --k-query images each; per-dataset: "
-                        "all base classes, --shots images each, --k-support of them support (MAML + clipping)")
+                        "all base classes, --shots images each, --k-support of them support (MAML + clipping); "
+                        "chc:CORPUS: GRAM's tasks from an image-caption corpus (a folder with a captions file and "
+                        "images/, or the captions file): --n-way CHC topics, --k-support images from ONE visual "
+                        "domain of each, --k-query from all its domains; the hierarchy goes into OUT")
     g.add_argument("--n-way", dest="n_way", type=int, default=t("n_way"))
     g.add_argument("--k-support", dest="k_support", type=int, default=t("k_support"))
     g.add_argument("--k-query", dest="k_query", type=int, default=t("k_query"))
@@ -293,3 +312,24 @@ def add_dassl(p: argparse.ArgumentParser) -> None:
                    help="decode every task image from disk each time (default: decoded once and kept as uint8, "
                         "3 * INPUT.SIZE^2 bytes per base-class image)")
     g.add_argument("opts", nargs=argparse.REMAINDER, help="more config options, KEY VALUE ... (as train.py)")
+
+
+# the CHC flags of meta-train (--tasks chc:CORPUS only; None = not given)
+CHC_ONLY = ("corpus_images", "skip_missing", "min_cluster_size", "min_samples", "n_domains")
+
+
+def add_chc_tasks(p: argparse.ArgumentParser) -> None:
+    """The flags of ``--tasks chc:CORPUS`` (defaults: ``gram_plugin.chc.CHCConfig``, scaled with the corpus)."""
+    from ..chc.scaling import SCALING_HELP
+
+    g = p.add_argument_group("GRAM's corpus tasks (--tasks chc:CORPUS)")
+    g.add_argument("--corpus-images", dest="corpus_images", default=None,
+                   help="the corpus image folder (default CORPUS/images, else CORPUS)")
+    g.add_argument("--skip-missing", dest="skip_missing", action="store_const", const=True, default=None,
+                   help="leave out captions whose image file is missing (default: an error)")
+    g.add_argument("--min-cluster-size", dest="min_cluster_size", type=int, default=None,
+                   help=f"HDBSCAN: the smallest topic in captions; {SCALING_HELP}")
+    g.add_argument("--min-samples", dest="min_samples", type=int, default=None,
+                   help="HDBSCAN (default: scaled with --min-cluster-size)")
+    g.add_argument("--n-domains", dest="n_domains", type=int, default=None,
+                   help="visual domains per topic (k-means on the image features; default 3)")

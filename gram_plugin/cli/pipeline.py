@@ -86,13 +86,16 @@ def task_source(tasks, shots: int, base_train):
     return NWayKShotTasks(base_train, tasks.n_way, tasks.k_support, tasks.k_query)
 
 
-def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram", run_dir=None, resume=False):
-    """Meta-train the standalone model on tasks from ``data["base_train"]``; returns (PromptInit, history)."""
+def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram", run_dir=None, resume=False,
+               source=None):
+    """Meta-train the standalone model on tasks from ``data["base_train"]`` (or on ``source``, e.g. a corpus's
+    CHC tasks); returns (PromptInit, history)."""
     from ..meta import MetaPromptTrainer
     from ..regulator import GradientRegulator
 
     model = build_model(plan, backbone, args.seed)
-    source = task_source(plan.tasks, plan.data.shots, data["base_train"])
+    if source is None:
+        source = task_source(plan.tasks, plan.data.shots, data["base_train"])
     regulator = GradientRegulator.for_module(model) if method == "gram" else None
     trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=regulator, config=plan.meta,
                                 metadata=model.config(), run_dir=run_dir)
@@ -131,8 +134,9 @@ def check_init_fits(plan: Plan, backbone, seed: int) -> None:
         raise PromptInitError("init does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
-def start(args):
-    """Check everything, build the backbone, list the data; the run folder is not touched yet."""
+def start(args, data: bool = True):
+    """Check everything, build the backbone, list the data (unless ``data`` is False: returns (plan, backbone));
+    the run folder is not touched yet."""
     import torch
 
     p = plan(args)
@@ -142,6 +146,8 @@ def start(args):
     backbone = build_backbone(args.backbone)
     p.prompt.check_backbone(backbone)
     check_init_fits(p, backbone, args.seed)
+    if not data:
+        return p, backbone
     ds, unreadable = load_data(args, p, backbone)
     return p, backbone, ds, unreadable
 

