@@ -85,7 +85,7 @@ class ImageTower:
     Args:
         encode_image: preprocessed images (N, 3, H, W) -> features (N, D); run under ``no_grad``.
         name: the cache key's backbone name (say what the encoder and its input are).
-        weights_id: identity of the weights for the cache key (e.g. ``backbones._state_digest(module)``).
+        weights_id: identity of the weights for the cache key (e.g. ``backbones.openclip._state_digest(module)``).
         preprocess: the transform for datasets that have none (a ready dataset brings its own).
         device: where images go before ``encode_image``.
     """

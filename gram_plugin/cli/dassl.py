@@ -171,7 +171,7 @@ def corpus_task_source_for_trainer(p, run, cfg, clip_model, resume: bool = False
     (``INPUT.SIZE``, its pixel mean / std; decoded once), their features from the trainer's own frozen CLIP
     image tower (cached in OUT/feature_cache) for CHC's visual domains, and the task source drawing those
     images. The hierarchy, its report and picture go into the run folder."""
-    from ..backbones import _state_digest
+    from ..backbones.openclip import _state_digest
     from ..cache import FeatureCache
     from ..chc import ImageTower
     from ..data import Item
