@@ -81,6 +81,7 @@ class FeatureCache:
         self.last_status: str | None = None
 
     def path_for(self, key: str) -> Path:
+        """The cache file for a content key (see :func:`cache_key`)."""
         return self.root / f"features-{key}.safetensors"
 
     def features(self, backbone, dataset) -> torch.Tensor:

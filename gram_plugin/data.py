@@ -30,6 +30,8 @@ class DataError(GramPluginError, ValueError):
 
 @dataclass(frozen=True)
 class Item:
+    """One image of a dataset: its file path and its class index (into the dataset's classnames)."""
+
     path: str
     label: int
 
@@ -56,13 +58,21 @@ class ImageDataset:
 
     @property
     def labels(self) -> torch.Tensor:
+        """The class index of every item, in item order (a long tensor)."""
         return torch.tensor([it.label for it in self.items], dtype=torch.long)
 
     @property
     def paths(self) -> list[str]:
+        """The image file path of every item, in item order."""
         return [it.path for it in self.items]
 
     def load_image(self, i: int) -> torch.Tensor:
+        """Image ``i`` read as RGB and passed through the dataset's transform.
+
+        Raises:
+            DataError: no transform is set, or the file cannot be read (the message names it and
+                offers ``--skip-unreadable`` / :meth:`without_unreadable`).
+        """
         if self.transform is None:
             raise DataError(f"{self.name}: no transform set (pass the backbone's preprocess)")
         path = self.items[i].path
@@ -87,11 +97,17 @@ class ImageDataset:
         return (self.subset(keep) if bad else self), bad
 
     def with_transform(self, transform: Callable) -> "ImageDataset":
+        """The same items with another transform (cached features are kept)."""
         ds = ImageDataset(self.items, self.classnames, transform, self.name)
         ds.features = self.features
         return ds
 
     def with_features(self, features: torch.Tensor) -> "ImageDataset":
+        """The same items with precomputed image features (one row per item), used instead of the images.
+
+        Raises:
+            DataError: the number of rows differs from the number of items.
+        """
         if features.shape[0] != len(self):
             raise DataError(f"{self.name}: {features.shape[0]} feature rows for {len(self)} items")
         ds = ImageDataset(self.items, self.classnames, self.transform, self.name)
@@ -99,6 +115,13 @@ class ImageDataset:
         return ds
 
     def subset(self, indices: Sequence[int], classnames: Sequence[str] | None = None, relabel: dict[int, int] | None = None) -> "ImageDataset":
+        """The items at ``indices`` (features too, when set).
+
+        Args:
+            indices: item positions, in the order wanted.
+            classnames: the subset's class names (default: this dataset's).
+            relabel: old class index -> new one, when ``classnames`` is a new list.
+        """
         idx = list(indices)
         items = [self.items[i] for i in idx]
         if relabel is not None:
@@ -122,6 +145,7 @@ class ImageDataset:
         return out
 
     def indices_by_class(self) -> dict[int, list[int]]:
+        """Class index -> the positions of its items, in item order (classes without items are absent)."""
         by: dict[int, list[int]] = {}
         for i, it in enumerate(self.items):
             by.setdefault(it.label, []).append(i)
@@ -360,6 +384,7 @@ class NWayKShotTasks:
         self.eligible = sorted(eligible)
 
     def sample(self, generator: torch.Generator) -> Task:
+        """A task: ``n_way`` eligible classes, ``k_support`` + ``k_query`` distinct images of each (seeded by ``generator``)."""
         pick = torch.randperm(len(self.eligible), generator=generator)[: self.n_way].tolist()
         classes = [self.eligible[i] for i in pick]
         s_idx, q_idx, s_lab, q_lab = [], [], [], []
@@ -377,6 +402,7 @@ class NWayKShotTasks:
         return Task(support, query, {"classes": names, "dataset": self.dataset.name})
 
     def describe(self) -> dict:
+        """The task source's settings, recorded in the init's metadata."""
         return {"kind": "n-way-k-shot", "dataset": self.dataset.name, "n_way": self.n_way,
                 "k_support": self.k_support, "k_query": self.k_query}
 
@@ -405,6 +431,7 @@ class PerDatasetTasks:
                 raise DataError(f"{ds.name}: classes with fewer than {shots} shots: {dict(list(short.items())[:5])}")
 
     def sample(self, generator: torch.Generator) -> Task:
+        """A task from one dataset picked at random: ``shots`` images of every class, the first ``k_support`` as support."""
         d = int(torch.randint(len(self.datasets), (1,), generator=generator))
         ds = self.datasets[d]
         s_idx, q_idx = [], []
@@ -417,6 +444,7 @@ class PerDatasetTasks:
         return Task(support, query, {"dataset": ds.name, "classes": list(ds.classnames)})
 
     def describe(self) -> dict:
+        """The task source's settings, recorded in the init's metadata."""
         return {"kind": "per-dataset", "datasets": [d.name for d in self.datasets], "shots": self.shots,
                 "k_support": self.k_support}
 
@@ -496,6 +524,11 @@ def fashion_mnist(part: str = "test", data_dir=None, cache_dir=None, transform: 
 
 
 def combined(a: ImageDataset, b: ImageDataset, name: str) -> ImageDataset:
+    """The items of ``a`` then ``b`` as one dataset called ``name`` (``a``'s transform).
+
+    Raises:
+        DataError: the two parts have different class lists.
+    """
     if a.classnames != b.classnames:
         raise DataError(f"{name}: the parts have different classes")
     return ImageDataset(a.items + b.items, a.classnames, a.transform, name)

@@ -176,6 +176,7 @@ class GradientRegulator(nn.Module):
         return cls({n: p.shape for n, p in prompt_parameters(module).items()}, **kwargs)
 
     def to_config(self) -> dict:
+        """The constructor arguments, as saved in an init's ``regulator_config`` (JSON-safe)."""
         return {
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "share_by_width": self.share_by_width,
@@ -283,6 +284,12 @@ class GradientRegulator(nn.Module):
         return out.to(device=ref.device, dtype=ref.dtype)
 
     def forward(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The regulated gradient of prompt ``name``: its head applied to each row, same shape and dtype.
+
+        Raises:
+            KeyError: the regulator has no head for ``name``.
+            ValueError: the gradient's last dimension is not the head's width.
+        """
         if name not in self.shapes:
             raise KeyError(f"GradientRegulator has no head for {name!r}; it regulates {list(self.shapes)}")
         if tuple(grad.shape[-1:]) != self.shapes[name][-1:]:

@@ -53,6 +53,7 @@ class RunFolderError(ArtefactError):
 
 
 def describe_kind(kind: str | None) -> str:
+    """What an artefact of ``kind`` (its metadata's ``kind``) is, in words, for messages."""
     return KINDS.get(kind or "", f"file of kind {kind!r}" if kind else "file of unknown kind")
 
 
@@ -89,6 +90,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`); returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -119,6 +121,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def text_sha256(text: str) -> str:
+    """The hex SHA-256 of ``text`` encoded as UTF-8."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -33,6 +33,7 @@ class Regulator(Protocol):
     (:meth:`gram_plugin.regulator.GradientRegulator.regulate`)."""
 
     def regulate(self, grads: Grads) -> dict[str, Optional[torch.Tensor]]:
+        """The regulated gradients, by parameter name (``None`` stays ``None``)."""
         ...
 
 
