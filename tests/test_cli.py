@@ -11,19 +11,48 @@ FAST = ["--quiet", "--epochs", "2", "--threads", "1", "--backbone", "tiny"]
 META = ["--meta-steps", "2", "--inner-steps", "1"]
 
 
-def test_demo_writes_metrics_and_plot(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), *FAST, *META]) == 0
+def tiny_corpus_init(tmp_path):
+    """An init + regulator for the tiny backbone (the shipped corpus init is ProxyCLIP v2's): the demo's
+    plumbing is what these tests check; tests/test_corpus_init.py checks the shipped file."""
+    assert main(["meta-train", "--out", str(tmp_path / "tiny-init"), "--quiet", "--threads", "1", "--backbone", "tiny",
+                 *META, "--n-way", "3", "--k-support", "2", "--k-query", "4"]) == 0
+    return tmp_path / "tiny-init" / "init.safetensors"
+
+
+def test_demo_writes_metrics_and_plot(tmp_path, capsys, monkeypatch):
+    import gram_plugin.cli.run_folder as run_folder
+
+    drawn = {}
+    plot = run_folder.Run.plot
+    monkeypatch.setattr(run_folder.Run, "plot", lambda self, curves, **kw: drawn.update(kw) or plot(self, curves, **kw))
+    out, init = tmp_path / "demo", tiny_corpus_init(tmp_path)
+    assert main(["demo", "--out", str(out), *FAST, *META, "--corpus-init", str(init)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for method in ("coop", "coop+gram"):
+    assert set(metrics["final"]) == {"zero-shot", "coop", "coop+gram(corpus)", "coop+gram(base classes)"}
+    for method in ("coop", "coop+gram(corpus)", "coop+gram(base classes)"):
         final = metrics["final"][method]
         assert set(final) == {"base", "new", "H", "all"}
         assert all(0.0 <= v <= 1.0 for v in final.values())
         assert len(metrics["per_epoch"][method]) == 2
+    assert metrics["corpus_init"]["file"] == str(init)
+    # the corpus init is applied: its tuning starts from it, so it differs from CoOp's from "a photo of a"
+    assert metrics["per_epoch"]["coop+gram(corpus)"] != metrics["per_epoch"]["coop"]
+    zero = metrics["final"]["zero-shot"]
+    assert drawn["lines"] == {"zero-shot base": zero["base"], "zero-shot new": zero["new"]}
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "init.safetensors").exists() and (out / "config.yaml").exists() and (out / "log.txt").exists()
     table = capsys.readouterr().out
-    assert "CoOp+GRAM" in table and "base" in table
+    assert "CoOp+GRAM(corpus)" in table and "CoOp+GRAM(base classes)" in table and "zero-shot" in table
+
+
+def test_demo_refuses_a_corpus_init_for_another_backbone_before_writing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *FAST, *META]) == 2  # the shipped init is ProxyCLIP v2's
+    err = capsys.readouterr().err
+    assert "--corpus-init" in err and "does not fit the demo's model" in err and "meta-train --tasks chc:CORPUS" in err
+    assert not out.exists()
+    assert main(["demo", "--out", str(out), *FAST, *META, "--corpus-init", str(tmp_path / "none.safetensors")]) == 2
+    assert "--corpus-init file" in capsys.readouterr().err and not out.exists()
 
 
 def test_meta_train_tune_eval_inspect_with_yaml(tmp_path, capsys):

@@ -63,6 +63,8 @@ def test_wheel_layout_and_normal_install(tmp_path):
     assert not any(n.startswith("tests/") for n in names)
     # the shipped proxy build and the embedded images travel with the package
     assert {"gram_plugin/assets/proxy/proxy.safetensors", "gram_plugin/assets/proxy/card.json"} <= set(names)
+    # the demo's corpus init and the manifest with the command that made it
+    assert {"gram_plugin/assets/corpus_init/init.safetensors", "gram_plugin/assets/corpus_init/manifest.json"} <= set(names)
     assert any(n.startswith("gram_plugin/assets/caltech10/") and n.endswith(".jpg") for n in names)
     # package data lives in gram_plugin/assets/, beside the data.py module without a same-named folder
     assert not any(n.startswith("gram_plugin/data/") for n in names)

@@ -169,10 +169,11 @@ def open_run(args) -> Run:
 
 def table(rows: dict[str, dict]) -> str:
     """Accuracy (%) rows on base / new / H / all as a text table."""
-    head = f"{'method':<14}{'base':>8}{'new':>8}{'H':>8}{'all':>8}"
+    width = max(14, *(len(name) + 2 for name in rows))
+    head = f"{'method':<{width}}{'base':>8}{'new':>8}{'H':>8}{'all':>8}"
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
-        lines.append(f"{name:<14}" + "".join(f"{100 * m[k]:>8.1f}" for k in ("base", "new", "H", "all")))
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * m[k]:>8.1f}" for k in ("base", "new", "H", "all")))
     return "\n".join(lines)
 
 

@@ -113,8 +113,10 @@ class Run:
         # allow_nan=False: a NaN reaching a result is a bug, never a number in metrics.json
         return atomic_write_text(self.path("metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
 
-    def plot(self, curves: dict[str, list[float]], name: str = "accuracy.png", title: str = "") -> Path:
-        """Accuracy curves per epoch into ``name`` (needs matplotlib: the 'clip' extra)."""
+    def plot(self, curves: dict[str, list[float]], name: str = "accuracy.png", title: str = "",
+             lines: dict[str, float] | None = None) -> Path:
+        """Accuracy curves per epoch into ``name``, and ``lines`` (e.g. zero-shot's, untrained) as horizontal
+        lines (needs matplotlib: the 'clip' extra)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -123,6 +125,8 @@ class Run:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, ys in curves.items():
             ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker="o", ms=3, label=label)
+        for (label, y), style in zip((lines or {}).items(), ("-", "--", ":", "-.")):
+            ax.axhline(100 * y, color="0.4", linestyle=style, linewidth=1.2, label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
