@@ -12,8 +12,12 @@ Variants, all on the same meta-batch of ``--tasks`` tasks:
   higher2 the same second-order step written with `higher` (innerloop_ctx + differentiable SGD,
           then backward of the adapted query loss and an Adam step)
   gram2   meta2 with a GradientRegulator (GRAM), for reference
-  meta2b  meta2 with MetaConfig(batch_tasks=True): the meta-batch's tasks through one text forward
-          per inner step (gram_plugin.metabatch); gram2b likewise for gram2
+  meta2b  meta2 with MetaConfig(batch_tasks=True, checkpoint_inner=False): the meta-batch's tasks
+          through one text forward per inner step (gram_plugin.metabatch), every inner step's graph
+          kept (the default before issue 26); gram2b likewise for gram2
+  metad   MetaConfig's defaults (second order): what a user gets; since issue 26 the batched step with
+          checkpoint_inner="auto" (gram_plugin.metabatch: inner graphs kept up to a memory budget, the
+          others recomputed in the meta-backward)
 
 Times: the variants run round-robin ``--repeats`` times in one process and the median is taken,
 so every ratio compares runs made side by side. Both wall-clock time and the process CPU time
@@ -24,6 +28,7 @@ Peak memory: each variant runs once in a fresh subprocess; the figure is the pea
 told to serve big blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves the RSS.
 
     python3 benchmarks/bench_meta_step.py --classes 4 --k 1 --tasks 4 --repeats 3
+    python3 benchmarks/bench_meta_step.py --classes 16 --k 1,2,3,4 --variants plain,meta2,meta2b,metad,higher2
 
 On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()`` and the peak
 memory is CUDA's (``torch.cuda.max_memory_allocated`` during one step, minus the allocation before
@@ -39,6 +44,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,7 +55,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task  # noqa: E402
 from timing import interleaved, medians  # noqa: E402  (benchmarks/timing.py)
 
-VARIANTS = ("plain", "meta2", "meta2b", "meta1", "higher2", "gram2", "gram2b")
+VARIANTS = ("plain", "meta2", "meta2b", "metad", "meta1", "higher2", "gram2", "gram2b")
+# MetaConfig fields per trainer variant (metad: none, the defaults)
+TRAINER_VARIANTS = {
+    "meta2": {"batch_tasks": False, "checkpoint_inner": False},
+    "meta1": {"batch_tasks": False, "checkpoint_inner": False, "first_order": True},
+    "gram2": {"batch_tasks": False, "checkpoint_inner": False},
+    "meta2b": {"batch_tasks": True, "checkpoint_inner": False},
+    "gram2b": {"batch_tasks": True, "checkpoint_inner": False},
+    "metad": {},
+}
 
 CLASSNAMES = [
     "airplane", "car side", "chandelier", "face", "ketch", "leopard", "motorbike", "pizza", "sunflower",
@@ -94,13 +109,17 @@ def build(args):
 
 
 def make_variant(name, model, tasks, args):
-    cfg = MetaConfig(inner_lr=0.002, inner_steps=args.k, meta_batch_size=len(tasks), progress=False,
-                     first_order=(name == "meta1"), batch_tasks=name.endswith("2b"))
-    # meta2 / gram2 / meta1: the per-task loop, meta2b / gram2b: the batched meta-step
-    if name in ("meta2", "meta1", "gram2", "meta2b", "gram2b"):
+    if name in TRAINER_VARIANTS:
+        cfg = MetaConfig(inner_lr=0.002, inner_steps=args.k, meta_batch_size=len(tasks), progress=False,
+                         **TRAINER_VARIANTS[name])
         reg = GradientRegulator({"ctx": tuple(model.ctx.shape)}) if name.startswith("gram") else None
         trainer = MetaPromptTrainer(model.meta_loss_fn(), model, regulator=reg, config=cfg)
-        return lambda: trainer.outer_step(tasks)
+
+        def meta():
+            trainer.outer_step(tasks)
+
+        meta.meta_step = trainer.meta_step  # to read what checkpoint_inner="auto" chose
+        return meta
     if name == "plain":
         opt = torch.optim.SGD([model.ctx], lr=0.002)
 
@@ -180,7 +199,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--n-ctx", type=int, default=4)
-    p.add_argument("--k", type=int, default=1, help="inner steps")
+    p.add_argument("--k", default="1", help="inner steps; a list (1,2,3,4) runs each in turn, one table")
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--shots", type=int, default=2, help="support and query images per class")
     p.add_argument("--repeats", type=int, default=3)
@@ -200,17 +219,50 @@ def main(argv=None):
         import gram_plugin.backbones.openclip as openclip
 
         openclip._plain_attention_blocks = lambda transformer: False  # never the sequence-first loop
+    ks = [int(k) for k in str(args.k).split(",")]
     if args.memory_of:
+        args.k = ks[0]
         print(json.dumps({"peak_bytes": measure_memory(args)}))
         return 0
+    t0, load0 = time.strftime("%H:%M:%S", time.gmtime()), os.getloadavg()
+    per_k = {k: run_k(argparse.Namespace(**{**vars(args), "k": k})) for k in ks}
+    out = {"utc": [t0, time.strftime("%H:%M:%S", time.gmtime())], "loadavg": [load0, os.getloadavg()]}
+    print(f"\nrun {out['utc'][0]}-{out['utc'][1]} UTC, load average {load0[0]:.2f} -> {out['loadavg'][1][0]:.2f}")
+    if len(ks) > 1:
+        print_k_table(per_k)
+    if args.json:
+        result = {"per_k": {str(k): r for k, r in per_k.items()}, **out} if len(ks) > 1 else {**per_k[ks[0]], **out}
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
 
+
+def print_k_table(per_k):
+    """One row per k: CPU-time (or, on CUDA, wall) medians, peak memory and the ratios to higher2."""
+    first = next(iter(per_k.values()))
+    variants = list(first["median"])
+    clock = "median" if first["args"]["device"] == "cuda" else "median_cpu"
+    print(f"\n{clock} s / peak MiB / kept graphs per k")
+    print("k  " + "  ".join(f"{v:>22s}" for v in variants))
+    for k, r in per_k.items():
+        cells = []
+        for v in variants:
+            mem = r["peak_bytes"].get(v)
+            cells.append(f"{r[clock][v]:8.2f} {'-' if mem is None else f'{mem / 2**20:7.0f}'} {str(r['kept_graphs'][v] or '-'):>4s}")
+        print(f"{k}  " + "  ".join(f"{c:>22s}" for c in cells))
+
+
+def run_k(args) -> dict:
+    """All variants at one k: round-robin timing, then peak memory per variant."""
     variants = args.variants.split(",")
     model, tasks = build(args)
-    fns = {v: synchronized(make_variant(v, model, tasks, args), args.device) for v in variants}
+    raw = {v: make_variant(v, model, tasks, args) for v in variants}
+    fns = {v: synchronized(fn, args.device) for v, fn in raw.items()}
     for v in variants:  # warm-up: first-call allocations and lazy initialisation
         fns[v]()
     times, cpu = interleaved(fns, args.repeats)
     med, med_cpu = medians(times), medians(cpu)
+    # inner steps whose graph the batched meta-step kept on its last group (None: not batched)
+    kept = {v: getattr(getattr(fn, "meta_step", None), "last_kept_steps", None) for v, fn in raw.items()}
     if args.no_memory:
         mem = {}
     elif torch.device(args.device).type == "cuda":
@@ -222,34 +274,30 @@ def main(argv=None):
 
     print(f"\nmodel={args.model} text_path={args.text_path} device={args.device} classes={args.classes} n_ctx={args.n_ctx} k={args.k} "
           f"tasks={args.tasks} shots={args.shots} threads={args.threads} torch={torch.__version__}")
-    print(f"{'variant':10s} {'median s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
+    print(f"{'variant':10s} {'median s':>9s} {'cpu s':>9s} {'peak MiB':>9s} {'kept graphs':>11s}")
     for v in variants:
-        print(f"{v:10s} {med[v]:9.2f} {med_cpu[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f}")
+        print(f"{v:10s} {med[v]:9.2f} {med_cpu[v]:9.2f} {mem.get(v, float('nan')) / 2**20:9.1f} {str(kept[v] or '-'):>11s}")
     ratios = {}
     for tag, m in (("time", med), ("cpu time", med_cpu)):
         if "plain" in m:
-            for v in ("meta2", "meta2b", "meta1", "gram2", "gram2b"):
+            for v in ("meta2", "meta2b", "metad", "meta1", "gram2", "gram2b"):
                 if v in m:
                     ratios[f"{v}/plain {tag}"] = m[v] / m["plain"]
-        for v in ("meta2", "meta2b"):
+        for v in ("meta2", "meta2b", "metad"):
             if "higher2" in m and v in m:
                 ratios[f"higher2/{v} {tag} (speed-up)"] = m["higher2"] / m[v]
         if "meta2" in m and "meta2b" in m:
             ratios[f"meta2/meta2b {tag} (speed-up of batching)"] = m["meta2"] / m["meta2b"]
-    if mem and "meta2" in mem:
-        if "higher2" in mem:
-            ratios["meta2/higher2 peak memory"] = mem["meta2"] / mem["higher2"]
-            if "meta2b" in mem:
-                ratios["meta2b/higher2 peak memory"] = mem["meta2b"] / mem["higher2"]
-        if "plain" in mem:
-            ratios["meta2/plain peak memory"] = mem["meta2"] / mem["plain"]
+    if mem and "higher2" in mem:
+        for v in ("meta2", "meta2b", "metad"):
+            if v in mem:
+                ratios[f"{v}/higher2 peak memory"] = mem[v] / mem["higher2"]
+    if mem and "plain" in mem and "meta2" in mem:
+        ratios["meta2/plain peak memory"] = mem["meta2"] / mem["plain"]
     for k, v in ratios.items():
         print(f"{k:36s} {v:6.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "cpu": cpu, "median": med,
-                                               "median_cpu": med_cpu,
-                                               "peak_bytes": mem, "ratios": ratios}, indent=1))
-    return 0
+    return {"args": vars(args), "times": times, "cpu": cpu, "median": med, "median_cpu": med_cpu, "kept_graphs": kept,
+            "peak_bytes": mem, "ratios": ratios}
 
 
 if __name__ == "__main__":

@@ -123,4 +123,5 @@ def module_loss(module: nn.Module, loss_on_batch: Callable[[nn.Module, Any], tor
         mapped = {"inner." + real_names[n]: t for n, t in params.items()}
         return torch.func.functional_call(wrapper, mapped, (batch,), strict=False, tie_weights=False)
 
+    loss_fn.module = module  # the model it runs (gram_plugin.metabatch sizes its memory budget by it)
     return loss_fn

@@ -90,12 +90,15 @@ class MetaConfig:
     checkpoint_every: int = 10  # outer steps between checkpoints when run_dir is set (0 = only at the end)
     log_every: int = 1
     track_alignment: bool = False  # log cos(support grad, query grad) at theta, raw and regulated (GRAM Fig. 3b)
-    # Memory: keep no inner-step graph; the meta-backward recomputes each step (see gram_plugin.scale).
-    # Only acts in second order (first order keeps no inner graph anyway).
-    checkpoint_inner: bool = False
+    # Memory (second order only; first order keeps no inner graph anyway): True = keep no inner-step
+    # graph, the meta-backward recomputes each step (gram_plugin.scale); "auto" = where tasks are batched,
+    # keep the inner-step graphs that fit in half the model's weight memory and recompute the rest
+    # (gram_plugin.metabatch; same gradients); False = keep every graph.
+    checkpoint_inner: bool | str = "auto"
     # Speed: the tasks of a meta-batch through one batched forward per inner step
     # (gram_plugin.metabatch) when the loss function has a ``batched`` form (PromptedCLIP, CoOp mode);
-    # same result, but the whole meta-batch's graphs are held at once instead of one task's.
+    # same result, but the whole meta-batch's graphs are held at once instead of one task's
+    # (bounded by checkpoint_inner="auto").
     batch_tasks: bool = True
     progress: bool = True
 
@@ -110,6 +113,7 @@ class MetaConfig:
         if self.clip_gamma is not None:
             problems += positive_number("clip_gamma", self.clip_gamma)
         problems += one_of("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        problems += one_of("checkpoint_inner", self.checkpoint_inner, (False, True, "auto"))
         raise_problems("MetaConfig", problems)
 
 

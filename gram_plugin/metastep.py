@@ -115,8 +115,10 @@ class MetaStep:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
         regulator: GRAM's ``GradientRegulator`` R_phi applied to every inner gradient, or ``None``.
         inner_lr: alpha. inner_steps: k. first_order: FOMAML.
-        checkpoint_inner: keep no inner-step graph; the meta-backward recomputes each step
-            (second order only; see :mod:`gram_plugin.scale`).
+        checkpoint_inner: ``True``: keep no inner-step graph; the meta-backward recomputes each step
+            (second order only; see :mod:`gram_plugin.scale`). ``"auto"``: only where the tasks of a
+            group are batched (:mod:`gram_plugin.metabatch`): keep one inner step's graph per task, recompute
+            the others; the per-task loop keeps its graphs. ``False``: keep every graph.
         track_alignment: also report cos(support grad, query grad) at theta, raw and regulated
             (GRAM Fig. 3b); costs one more query backward per task.
         tasks_per_backward: tasks whose query losses share one backward (see the module docstring).
@@ -129,7 +131,7 @@ class MetaStep:
         inner_lr: float = 0.025 / 6,
         inner_steps: int = 4,
         first_order: bool = False,
-        checkpoint_inner: bool = False,
+        checkpoint_inner: "bool | str" = False,
         track_alignment: bool = False,
         tasks_per_backward: int = 1,
     ):
@@ -138,12 +140,14 @@ class MetaStep:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
+        if checkpoint_inner not in (False, True, "auto"):
+            raise ValueError(f"checkpoint_inner must be False, True or 'auto', got {checkpoint_inner!r}")
         self.checkpoint_inner = checkpoint_inner
         self.track_alignment = track_alignment
         self.tasks_per_backward = tasks_per_backward
 
     def _support_grads(self, fast, support, create_graph: bool):
-        if create_graph and self.checkpoint_inner:
+        if create_graph and self.checkpoint_inner is True:  # "auto" keeps the per-task loop's graphs
             loss, grads = checkpointed_grad(self.loss_fn, fast, support)
             return loss, OrderedDict((n, grads[n]) for n in fast)
         loss = self.loss_fn(fast, support)

@@ -12,9 +12,12 @@ tower runs once per class, so that memory grows as classes x inner steps x text-
 * ``MetaConfig(checkpoint_inner=True)`` (:func:`checkpointed_grad`): each inner step's gradient is
   computed without keeping its graph; the meta-backward recomputes the step's forward and backward
   and takes the Hessian-vector product, one step at a time. Memory no longer grows with k.
+  ``checkpoint_inner="auto"`` (the default) does this only for the batched meta-step's inner steps
+  beyond a memory budget (:mod:`gram_plugin.metabatch`).
 
-Cost: recomputation (measured in benchmarks/README.md, bench_memory.py); both are off by
-default. Third-order gradients through these functions are not supported (MAML needs second).
+Cost: recomputation (measured in benchmarks/README.md, bench_memory.py); class chunking and
+``checkpoint_inner=True`` are off by default. Third-order gradients through these functions are not
+supported (MAML needs second).
 """
 
 from __future__ import annotations
@@ -142,7 +145,10 @@ def class_chunking(backbone, chunk_size: int) -> ClassChunking:
 
 
 class _CheckpointedGrad(torch.autograd.Function):
-    """(loss, *grad loss_fn(xs)) without keeping the graph; backward recomputes it (HVP)."""
+    """(loss, *grad loss_fn(xs)) without keeping the graph; backward recomputes it (HVP).
+
+    ``loss_fn`` may return a vector of losses (one per task of a batched forward): the gradients are
+    those of its sum, and the backward takes the vector's incoming gradient element by element."""
 
     @staticmethod
     def forward(ctx, loss_fn, batch, names, unused, *xs):
@@ -151,7 +157,7 @@ class _CheckpointedGrad(torch.autograd.Function):
         with torch.enable_grad():
             xd = [x.detach().requires_grad_(True) for x in xs]
             loss = loss_fn(dict(zip(names, xd)), batch)
-            grads = torch.autograd.grad(loss, xd, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum(), xd, allow_unused=True)
         unused.extend(i for i, g in enumerate(grads) if g is None)
         ctx.unused = set(unused)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
@@ -165,8 +171,8 @@ class _CheckpointedGrad(torch.autograd.Function):
         with torch.enable_grad(), _math_attention():
             xd = [x.detach().requires_grad_(True) for x in xs]
             loss = ctx.loss_fn(dict(zip(ctx.names, xd)), ctx.batch)
-            grads = torch.autograd.grad(loss, xd, create_graph=True, allow_unused=True)
-            total = loss * gloss
+            grads = torch.autograd.grad(loss.sum(), xd, create_graph=True, allow_unused=True)
+            total = (loss * gloss).sum()
             for i, (g, gg) in enumerate(zip(grads, ggrads)):
                 if g is not None and gg is not None and i not in ctx.unused:
                     total = total + (g * gg).sum()
@@ -184,7 +190,8 @@ def checkpointed_grad(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """``(loss, {name: d loss / d param})`` differentiable in ``params`` (create_graph semantics)
     while keeping only ``params`` in memory; unused parameters get ``None`` as with
-    ``autograd.grad(..., allow_unused=True)``."""
+    ``autograd.grad(..., allow_unused=True)``. ``loss_fn`` may return a vector of losses: then
+    ``loss`` is that vector and the gradients are those of its sum."""
     names: Sequence[str] = list(params)
     unused: list[int] = []
     loss, *grads = _CheckpointedGrad.apply(loss_fn, batch, names, unused, *params.values())

@@ -6,11 +6,14 @@ loss, the support losses, and the second-order (and first-order) meta-gradients 
 the prompt init and the regulator, against MetaStep's per-task loop.
 """
 
+import gc
+
 import pytest
 import torch
 
 from gram_plugin import GradientRegulator, MetaConfig, MetaPromptTrainer, Task
 from gram_plugin.backbones import tiny_openclip
+from gram_plugin import metabatch
 from gram_plugin.metabatch import BatchedMetaStep
 from gram_plugin.metastep import MetaStep
 from gram_plugin.models import PromptedCLIP
@@ -41,10 +44,10 @@ def make_problem(seed=0, n_tasks=3):
     return model, tasks, reg
 
 
-def meta_grads(step_cls, model, tasks, reg, k, first_order):
+def meta_grads(step_cls, model, tasks, reg, k, first_order, checkpoint_inner=False):
     params = {"ctx": model.ctx}
     step = step_cls(model.meta_loss_fn(), reg, inner_lr=0.3, inner_steps=k, first_order=first_order,
-                    tasks_per_backward=len(tasks))
+                    tasks_per_backward=len(tasks), checkpoint_inner=checkpoint_inner)
     model.ctx.grad = None
     reg.zero_grad(set_to_none=True)
     stats = step.accumulate_gradients(params, tasks)
@@ -130,3 +133,83 @@ def test_batched_losses_on_a_tokenizer_that_pads_per_call():
     loss_fn = model.meta_loss_fn()
     for b, loss in zip(batches, batched):
         assert float(loss.detach()) == pytest.approx(float(loss_fn(params, b).detach()), rel=1e-5)
+
+
+# -- memory: checkpoint_inner on the batched step (issue 26) -------------------------------------------------
+@pytest.mark.parametrize("k,checkpoint_inner,budget,kept", [
+    (3, True, 0.5, 0), (3, "auto", 1e-12, 1), (3, "auto", 1e12, 3), (1, "auto", 1e-12, 1), (2, False, 1e-12, 2)])
+def test_batched_step_with_recomputed_inner_steps_equals_the_per_task_loop(k, checkpoint_inner, budget, kept, monkeypatch):
+    """Every memory setting gives the per-task loop's losses and second-order meta-gradients; "auto" keeps
+    as many inner graphs as its budget (GRAPH_BUDGET x the model's weights) allows, at least one."""
+    monkeypatch.setattr(metabatch, "GRAPH_BUDGET", budget)
+    model, tasks, reg = make_problem()
+    ref_stats, ref_losses, ref_grads = meta_grads(MetaStep, model, tasks, reg, k, False)
+    step = BatchedMetaStep(model.meta_loss_fn(), reg, inner_lr=0.3, inner_steps=k, tasks_per_backward=len(tasks),
+                           checkpoint_inner=checkpoint_inner)
+    model.ctx.grad = None
+    reg.zero_grad(set_to_none=True)
+    stats = step.accumulate_gradients({"ctx": model.ctx}, tasks)
+    assert step.last_kept_steps == kept
+    assert stats.meta_loss == pytest.approx(ref_stats.meta_loss, rel=1e-12)
+    assert stats.support_loss == pytest.approx(ref_stats.support_loss, rel=1e-12)
+    for g, r in zip([model.ctx.grad] + [p.grad for p in reg.parameters()], ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+def graph_bytes(checkpoint_inner, monkeypatch, budget=1e-12, k=3):
+    """Bytes autograd holds for the meta-backward after a batched meta-batch's forward (query losses built)."""
+    monkeypatch.setattr(metabatch, "GRAPH_BUDGET", budget)
+    model, tasks, reg = make_problem()
+    step = BatchedMetaStep(model.meta_loss_fn(), reg, inner_lr=0.3, inner_steps=k, tasks_per_backward=len(tasks),
+                           checkpoint_inner=checkpoint_inner)
+    saved = metabatch.SavedBytes()
+    with saved.hooks():
+        outs = step.task_losses({"ctx": model.ctx}, tasks)
+    assert all(o.query_loss is not None for o in outs)
+    return saved.alive
+
+
+def test_auto_keeps_less_graph_when_the_budget_is_small(monkeypatch):
+    every = graph_bytes(False, monkeypatch)
+    auto_small = graph_bytes("auto", monkeypatch)
+    auto_large = graph_bytes("auto", monkeypatch, budget=1e12)
+    recompute_all = graph_bytes(True, monkeypatch)
+    assert auto_large == every  # budget not reached: every inner graph kept, as before
+    assert recompute_all < auto_small < 0.6 * every  # one of three inner graphs kept (+ the query's)
+
+
+def test_the_estimate_is_one_inner_steps_graph(monkeypatch):
+    """kept_steps is given the first inner step's graph: 1/k of what the k kept graphs hold beyond the query's."""
+    seen = []
+    monkeypatch.setattr(BatchedMetaStep, "kept_steps", lambda self, nbytes: seen.append(nbytes) or self.inner_steps)
+    k1, k3 = graph_bytes("auto", monkeypatch, budget=1e12, k=1), graph_bytes("auto", monkeypatch, budget=1e12, k=3)
+    assert len(seen) == 1  # k = 1: nothing to decide, no estimate taken
+    assert seen[0] == pytest.approx((k3 - k1) / 2, rel=0.1)
+
+
+def test_meta_config_defaults_to_auto_and_names_a_bad_setting():
+    from gram_plugin.config import ConfigError
+
+    assert MetaConfig().checkpoint_inner == "auto" and MetaConfig().batch_tasks
+    with pytest.raises(ConfigError, match="checkpoint_inner"):
+        MetaConfig(checkpoint_inner="yes")
+    with pytest.raises(ValueError, match="checkpoint_inner"):
+        MetaStep(lambda p, b: 0, checkpoint_inner="sometimes")
+
+
+@pytest.mark.parametrize("budget", [1e-12, 1e12])
+def test_nothing_of_the_graphs_outlives_the_meta_backward(budget, monkeypatch):
+    """The measurement of "auto" holds no reference cycle: after the meta-backward every saved tensor is freed
+    (a pack hook returning the tensor itself kept the measured step's graph alive for ever)."""
+    monkeypatch.setattr(metabatch, "GRAPH_BUDGET", budget)
+    model, tasks, reg = make_problem()
+    step = BatchedMetaStep(model.meta_loss_fn(), reg, inner_lr=0.3, inner_steps=3, tasks_per_backward=len(tasks),
+                           checkpoint_inner="auto")
+    saved = metabatch.SavedBytes()
+    with saved.hooks():
+        step.accumulate_gradients({"ctx": model.ctx}, tasks)
+        outs = step.task_losses({"ctx": model.ctx}, tasks)  # a forward whose graphs are dropped unused
+    assert saved.alive > 0
+    del outs
+    gc.collect()
+    assert saved.refs and saved.alive == 0
