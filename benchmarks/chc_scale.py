@@ -194,14 +194,21 @@ def main(argv=None):
                                             for s, v in row["stages"].items())
               + f"; topics {row['n_topics']}, noise {row['noise_share']:.3f}; load {row['load_start']:.2f} -> {row['load_end']:.2f}",
               flush=True)
-    if len(rows) >= 2:
-        ns = [r["n"] for r in rows]
-        for stage in STAGES:
-            ts = [r["stages"].get(stage, {}).get("cpu_s") for r in rows]
-            if all(t is not None and t > 0 for t in ts):
-                a, b = fit_power(ns, ts)
-                print(f"fit {stage:8s} cpu_s = {a:.3g} * n^{b:.2f};  1M: {a * 1e6 ** b:,.0f} cpu-s, 3M: {a * 3e6 ** b:,.0f} cpu-s")
+    print_stage_fits(rows, STAGES, (1e6, 3e6))
     return 0
+
+
+def print_stage_fits(rows, stages, at, label="fit"):
+    """A power-law fit of each stage's CPU seconds over the rows' n, extrapolated to the sizes ``at``."""
+    if len(rows) < 2:
+        return
+    ns = [r["n"] for r in rows]
+    for stage in stages:
+        ts = [r["stages"].get(stage, {}).get("cpu_s") for r in rows]
+        if all(t is not None and t > 0 for t in ts):
+            a, b = fit_power(ns, ts)
+            print(f"{label} {stage:10s} cpu_s = {a:.3g} * n^{b:.2f};  "
+                  + ", ".join(f"{n / 1e6:g}M: {a * n ** b:,.0f} cpu-s" for n in at))
 
 
 if __name__ == "__main__":

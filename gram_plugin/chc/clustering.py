@@ -6,7 +6,8 @@ import numpy as np
 
 from .config import CHCConfig, CHCError
 
-def cluster_hdbscan(points: np.ndarray, cfg: CHCConfig) -> np.ndarray:
+def fit_hdbscan(points: np.ndarray, cfg: CHCConfig, prediction_data: bool = False):
+    """The fitted ``hdbscan.HDBSCAN`` (``prediction_data``: ready for ``hdbscan.approximate_predict``)."""
     import hdbscan
 
     cfg = cfg.resolved(len(points))  # unset sizes scale with the number of points (one per caption)
@@ -15,9 +16,13 @@ def cluster_hdbscan(points: np.ndarray, cfg: CHCConfig) -> np.ndarray:
             f"only {len(points)} points, fewer than min_cluster_size={cfg.min_cluster_size}; "
             "lower min_cluster_size or add captions"
         )
-    labels = hdbscan.HDBSCAN(
+    return hdbscan.HDBSCAN(
         min_cluster_size=cfg.min_cluster_size,
         min_samples=cfg.min_samples,
         cluster_selection_method=cfg.cluster_selection_method,
-    ).fit_predict(points)
-    return np.asarray(labels, dtype=np.int64)
+        prediction_data=prediction_data,
+    ).fit(points)
+
+
+def cluster_hdbscan(points: np.ndarray, cfg: CHCConfig) -> np.ndarray:
+    return np.asarray(fit_hdbscan(points, cfg).labels_, dtype=np.int64)

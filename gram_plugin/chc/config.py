@@ -45,7 +45,13 @@ class CHCConfig:
     n_domains: int = 3  # k of k-means inside each topic
     top_words: int = 10
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # the encoder's (and the sampled path's neighbour search): "auto" = the GPU if present
+    # Above fit_sample captions UMAP and HDBSCAN are fit on a seeded sample of that many and the rest is
+    # assigned to its topics, assign_chunk at a time (gram_plugin.chc.sampling); 0 = always the exact path.
+    fit_sample: int = 100_000
+    assign: str = "umap"  # "umap": UMAP transform + HDBSCAN approximate_predict; "knn": neighbours' vote
+    assign_knn: str = "auto"  # the rest's neighbours in the sample: "exact" (brute force), "nndescent", "auto" (exact on a GPU)
+    assign_chunk: int = 65_536
     progress: bool = True
 
     def __post_init__(self):
@@ -53,7 +59,7 @@ class CHCConfig:
         # reaches a comparison: one ConfigError, no TypeError)
         problems = []
         for name, low in (("batch_size", 1), ("umap_neighbors", 2), ("umap_components", 1), ("n_domains", 1),
-                          ("top_words", 1), ("exact_knn_max", 1), ("seed", 0)):
+                          ("top_words", 1), ("exact_knn_max", 1), ("seed", 0), ("fit_sample", 0), ("assign_chunk", 1)):
             problems += integer_at_least(name, getattr(self, name), low)
         for name, low in (("min_cluster_size", 2), ("min_samples", 1)):  # None: scaled with the corpus
             if getattr(self, name) is not None:
@@ -64,6 +70,11 @@ class CHCConfig:
         problems += one_of("knn", self.knn, ("auto", "exact", "nndescent"))
         problems += one_of("noise", self.noise, ("drop", "nearest"))
         problems += one_of("cluster_selection_method", self.cluster_selection_method, ("eom", "leaf"))
+        problems += one_of("assign", self.assign, ("umap", "knn"))
+        problems += one_of("assign_knn", self.assign_knn, ("auto", "exact", "nndescent"))
+        if all(isinstance(v, int) for v in (self.fit_sample, self.umap_neighbors)) and 0 < self.fit_sample <= self.umap_neighbors:
+            problems.append(f"fit_sample must be 0 (never sample) or more than umap_neighbors={self.umap_neighbors}, "
+                            f"got {self.fit_sample}")
         for name in ("model", "device"):
             if not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")

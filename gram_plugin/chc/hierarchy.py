@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..safeio import atomic_write_bytes
-from . import clustering, domains, embedding, naming, reduction
+from . import domains, embedding, naming, sampling
 from .config import CHCConfig, CHCError, _progress
 from .embedding import _model_identity, captions_hash
 
@@ -72,15 +72,10 @@ def build_hierarchy(
         raise CHCError(f"{len(embeddings)} embeddings for {len(captions)} captions")
     timings["embed_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    _progress(f"UMAP to {cfg.umap_components}-d", cfg.progress)
-    reduced = reduction.reduce_umap(np.asarray(embeddings, dtype=np.float32), cfg)
-    timings["umap_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    _progress("HDBSCAN", cfg.progress)
-    labels = clustering.cluster_hdbscan(reduced, cfg)
-    timings["hdbscan_s"] = time.perf_counter() - t
+    _progress(f"UMAP to {cfg.umap_components}-d + HDBSCAN", cfg.progress)
+    # exact up to cfg.fit_sample captions; above: fit on a sample, the rest assigned (sampling.py)
+    reduced, labels, fit = sampling.reduce_and_cluster(np.asarray(embeddings, dtype=np.float32), cfg)
+    timings.update({f"{stage}_s": s for stage, s in fit.pop("seconds").items()})
     noise_mask = labels < 0
     n_noise = int(noise_mask.sum())
     if n_noise == len(labels):
@@ -93,9 +88,14 @@ def build_hierarchy(
     remap = {c: i for i, c in enumerate(cluster_ids)}
     topic_of_caption = np.array([remap.get(int(l), -1) for l in labels], dtype=np.int64)
     if cfg.noise == "nearest" and n_noise:
-        centroids = np.stack([reduced[topic_of_caption == t].mean(0) for t in range(len(cluster_ids))])
-        d = ((reduced[noise_mask, None, :] - centroids[None]) ** 2).sum(-1)
-        topic_of_caption[noise_mask] = d.argmin(1)
+        in_topic = topic_of_caption >= 0
+        sums = np.zeros((len(cluster_ids), reduced.shape[1]))
+        np.add.at(sums, topic_of_caption[in_topic], reduced[in_topic])
+        centroids = sums / np.bincount(topic_of_caption[in_topic], minlength=len(cluster_ids))[:, None]
+        noise_rows = np.nonzero(noise_mask)[0]
+        for start in range(0, len(noise_rows), 4096):  # noise x topics distances a block at a time
+            rows = noise_rows[start:start + 4096]
+            topic_of_caption[rows] = ((reduced[rows, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
     n_topics = len(cluster_ids)
 
     # Items (images) vote with their captions.
@@ -108,10 +108,13 @@ def build_hierarchy(
     )
 
     t = time.perf_counter()
-    docs = [" ".join(captions[c] for c in np.nonzero(topic_of_caption == l)[0]) for l in range(n_topics)]
+    # members of every topic in one pass (a per-topic scan is n_captions x n_topics: hours at CC3M scale)
+    caption_members = _members(topic_of_caption, n_topics)
+    item_members = _members(item_topic, n_topics)
+    docs = [" ".join(captions[c] for c in caption_members[l]) for l in range(n_topics)]
     vocab, scores, counts = naming.ctfidf(docs)
     ranked, scoring = naming.rank_words(vocab, scores, counts, cfg.top_words)
-    caption_sizes = [int((topic_of_caption == l).sum()) for l in range(n_topics)]
+    caption_sizes = [len(m) for m in caption_members]
     names = naming.unique_names(ranked, caption_sizes)
     timings["ctfidf_s"] = time.perf_counter() - t
 
@@ -120,7 +123,7 @@ def build_hierarchy(
     from tqdm.auto import tqdm
 
     for l in tqdm(range(n_topics), desc="k-means domains", disable=not cfg.progress or feats is None):
-        items = np.nonzero(item_topic == l)[0]
+        items = item_members[l]
         if feats is not None and len(items):
             dom = domains.kmeans_domains(feats[items], cfg.n_domains, cfg.seed)
         else:
@@ -130,7 +133,7 @@ def build_hierarchy(
             "name": names[l],
             "words": ranked[l],
             "n_captions": caption_sizes[l],
-            "captions": np.nonzero(topic_of_caption == l)[0].tolist(),
+            "captions": caption_members[l].tolist(),
             "items": items.tolist(),
             "domains": [items[dom == d].tolist() for d in range(int(dom.max()) + 1 if len(dom) else 0)],
         })
@@ -157,9 +160,17 @@ def build_hierarchy(
             "items_without_topic": int((item_topic < 0).sum()),
         },
         "n_topics": n_topics,
+        "fit": fit,
         "topics": topics,
         "timings_s": timings,
     }
+
+
+def _members(topic_of: np.ndarray, n_topics: int) -> list[np.ndarray]:
+    """Indices (ascending) with each topic id 0..n_topics-1 (-1 = none), by one stable sort."""
+    order = np.argsort(topic_of, kind="stable")
+    bounds = np.searchsorted(topic_of[order], np.arange(n_topics + 1))
+    return [order[bounds[l]:bounds[l + 1]] for l in range(n_topics)]
 
 
 def save_hierarchy(hierarchy: dict, path: str | os.PathLike) -> Path:

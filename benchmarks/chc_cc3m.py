@@ -1,0 +1,214 @@
+"""CHC at CC3M scale (issue 26): the sampled path's topic agreement on real captions, and its cost growth.
+
+    # 1. agreement: the real Flickr8k captions (40,961) through the exact path (seeds 0 and 1: the yardstick)
+    #    and the sampled path (fit on --samples captions, the rest assigned, both assignment modes);
+    #    adjusted Rand index of each against the exact seed-0 topics
+    python3 benchmarks/chc_cc3m.py ari --samples 5000,10000,20000 --cache-dir /tmp/perf-chc-cache --out /tmp/perf/chc-ari.json
+
+    # 2. growth: build_hierarchy with the default CHCConfig (fit_sample 100,000) on N captions, each N in a
+    #    fresh process. Beyond the 40,961 real captions the corpus is REPLICATED: caption i is real caption
+    #    i mod 40,961 and its embedding that caption's MiniLM embedding plus Gaussian noise (--noise per
+    #    dimension, then L2-normalised; cosine to the original ~0.98 at 0.01): a cost measurement only,
+    #    the topics of replicas mean nothing. The encoder is not run (its cost is linear: projected from
+    #    its measured rate, CHC.md).
+    python3 benchmarks/chc_cc3m.py growth --sizes 40961,250000,500000,1000000 --cache-dir /tmp/perf-chc-cache --out /tmp/perf/chc-growth.jsonl
+
+Single-threaded (torch, BLAS, numba: ``--threads 1``) so the process CPU time is the work done. Per stage
+(wrapping the library's functions, as benchmarks/chc_scale.py does): CPU and wall seconds, peak RSS
+(VmHWM reset at each stage). Stages: ``knn`` (exact k-NN graph of what UMAP is fit on), ``umap`` (the
+rest of the UMAP fit), ``hdbscan`` (the fit), ``index`` (NN-descent index of the sample, on a CPU),
+``neighbours`` (each assigned caption's neighbours in the sample), ``predict`` (hdbscan.approximate_predict), ``rest`` (everything else of build_hierarchy: UMAP
+transform weights, topic ids, image votes, c-TF-IDF, names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chc_scale import StageClock, _reset_peak, _status_kib, print_stage_fits  # noqa: E402
+
+CAPTIONS = Path(os.environ.get("GRAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "flickr8k-captions.txt.gz"
+
+STAGES = ("knn", "umap", "hdbscan", "index", "neighbours", "predict", "rest")
+
+
+def real_corpus(args):
+    """The real captions, their image ids and MiniLM embeddings (encoded once into --cache-dir)."""
+    import numpy as np
+
+    from gram_plugin import chc
+
+    captions, ids = chc.read_captions(args.captions)
+    emb = chc.embed_captions(captions, cache_dir=args.cache_dir, progress=False, device="cpu")
+    return captions, ids, np.asarray(emb, dtype=np.float32)
+
+
+def topic_labels(h) -> "np.ndarray":
+    import numpy as np
+
+    out = np.full(h["n_captions"], -1, dtype=np.int64)
+    for t in h["topics"]:
+        out[t["captions"]] = t["id"]
+    return out
+
+
+def agreement(a, b) -> dict:
+    """ARI over all captions (noise as one more label) and over the captions in a topic in both."""
+    from sklearn.metrics import adjusted_rand_score
+
+    both = (a >= 0) & (b >= 0)
+    return {"ari_all": float(adjusted_rand_score(a, b)), "ari_in_topic_both": float(adjusted_rand_score(a[both], b[both])),
+            "in_topic_both": float(both.mean())}
+
+
+def run_ari(args):
+    import numpy as np
+
+    from gram_plugin import chc
+
+    captions, ids, emb = real_corpus(args)
+    rows = []
+
+    def build(**cfg):
+        c0, t0 = time.process_time(), time.perf_counter()
+        h = chc.build_hierarchy(captions, image_ids=ids, embeddings=emb, config=chc.CHCConfig(progress=False, device="cpu", **cfg))
+        return h, {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0, "timings_s": h["timings_s"],
+                   "n_topics": h["n_topics"], "noise_share": round(h["noise"]["share"], 4), "fit": h["fit"]}
+
+    ref, info = build(fit_sample=0)
+    ref_labels = topic_labels(ref)
+    rows.append({"run": "exact seed 0 (reference)", **info})
+    print(json.dumps(rows[-1]), flush=True)
+    other, info = build(fit_sample=0, seed=1)
+    rows.append({"run": "exact seed 1 (yardstick)", **info, **agreement(ref_labels, topic_labels(other))})
+    print(json.dumps(rows[-1]), flush=True)
+    for size in [int(s) for s in args.samples.split(",")]:
+        for assign in ("umap", "knn"):
+            for search in ("exact", "nndescent"):
+                h, info = build(fit_sample=size, assign=assign, assign_knn=search)
+                rows.append({"run": f"sampled {size} ({assign}, {search})", **info, **agreement(ref_labels, topic_labels(h))})
+                print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).write_text(json.dumps({"n": len(captions), "rows": rows}, indent=1))
+    print(f"\n{'run':38s} {'ARI all':>8s} {'ARI in both':>11s} {'topics':>6s} {'noise':>6s} {'cpu s':>7s}")
+    for r in rows:
+        print(f"{r['run']:38s} {r.get('ari_all', 1.0):8.3f} {r.get('ari_in_topic_both', 1.0):11.3f} {r['n_topics']:6d} "
+              f"{r['noise_share']:6.3f} {r['cpu_s']:7.1f}")
+    return 0
+
+
+def replicated(base, n, noise, seed=0, chunk=65_536):
+    """``n`` embeddings: base[i mod len(base)] plus Gaussian noise, L2-normalised, built a chunk at a time."""
+    import numpy as np
+
+    out = np.empty((n, base.shape[1]), dtype=np.float32)
+    g = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(n, start + chunk))
+        x = base[rows % len(base)] + noise * g.standard_normal((len(rows), base.shape[1]), dtype=np.float32)
+        out[rows] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def run_one(args) -> dict:
+    """In this (fresh) process: build_hierarchy on ``args.n`` captions with the default CHCConfig."""
+    import hdbscan
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from gram_plugin import chc
+    from gram_plugin.chc import clustering, reduction, sampling
+
+    captions, ids, base = real_corpus(args)
+    n = args.n
+    if n <= len(captions):
+        captions, ids, emb = captions[:n], ids[:n], base[:n]
+    else:
+        emb = replicated(base, n, args.noise)
+        captions = [captions[i % len(captions)] for i in range(n)]
+        ids = [f"{ids[i % len(ids)]}/{i // len(ids)}" for i in range(n)]  # replica r of image x: its own image
+    # warm-up, timed apart: numba's JIT of UMAP, HDBSCAN's prediction, the membership weights
+    warm = replicated(base[:3000], 3000, args.noise, seed=1)
+    chc.build_hierarchy(captions[:3000], embeddings=warm, config=chc.CHCConfig(progress=False, device="cpu", fit_sample=1000,
+                                                                                min_cluster_size=20))
+    clock = StageClock()
+    clock.wrap(reduction, "exact_cosine_knn", "knn")
+    clock.wrap(reduction, "reduce_umap", "umap")
+    clock.wrap(clustering, "fit_hdbscan", "hdbscan")
+    clock.wrap(sampling, "nearest_in_sample", "neighbours")
+    clock.wrap(sampling.SampleIndex, "__init__", "index")
+    clock.wrap(sampling.SampleIndex, "query", "neighbours")
+    clock.wrap(hdbscan, "approximate_predict", "predict")
+    cfg = chc.CHCConfig(progress=False, device="cpu")
+    rss0 = _status_kib("VmRSS") / 1024
+    t0, c0 = time.perf_counter(), time.process_time()
+    _reset_peak()
+    clock._enter("total")
+    h = chc.build_hierarchy(captions, image_ids=ids, embeddings=emb, config=cfg)
+    clock._exit()
+    clock.stages["rest"] = clock.stages.pop("total")
+    return {"n": n, "replicated": n > len(base), "noise": args.noise if n > len(base) else 0.0, "threads": args.threads,
+            "fit": h["fit"], "n_topics": h["n_topics"], "noise_share": round(h["noise"]["share"], 4), "stages": clock.stages,
+            "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0, "rss_before_mib": rss0,
+            "peak_rss_mib": max(s["peak_rss_mib"] for s in clock.stages.values()),
+            "embeddings_mib": emb.nbytes / 2**20}
+
+
+def run_growth(args):
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        load0, utc0 = os.getloadavg()[0], time.strftime("%H:%M:%S", time.gmtime())
+        cmd = [sys.executable, __file__, "growth", "--n", str(n), "--threads", str(args.threads), "--noise", str(args.noise),
+               "--captions", args.captions, "--cache-dir", args.cache_dir]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"n={n}: failed\n{res.stderr[-3000:]}", flush=True)
+            break
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(load_start=load0, load_end=os.getloadavg()[0], utc=[utc0, time.strftime("%H:%M:%S", time.gmtime())])
+        rows.append(row)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"n={n}: " + ", ".join(f"{s} {v['cpu_s']:.1f} cpu-s/{v['wall_s']:.1f} s/{v['peak_rss_mib']:.0f} MiB"
+                                     for s, v in row["stages"].items())
+              + f"; total {row['cpu_s']:.0f} cpu-s; topics {row['n_topics']}, noise {row['noise_share']:.3f}; "
+                f"load {load0:.2f} -> {row['load_end']:.2f}", flush=True)
+    print_stage_fits([r for r in rows if r["fit"]["path"] == "sampled"], STAGES, (3.1e6,), label="fit (sampled runs)")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["ari", "growth"])
+    p.add_argument("--samples", default="5000,10000,20000", help="ari: fit_sample sizes")
+    p.add_argument("--sizes", default="40961,250000,500000,1000000", help="growth: corpus sizes")
+    p.add_argument("--noise", type=float, default=0.01, help="growth: per-dimension noise of the replicas")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--captions", default=str(CAPTIONS))
+    p.add_argument("--cache-dir", default="/tmp/perf-chc-cache", help="embedding cache of the real captions")
+    p.add_argument("--out", default="/tmp/chc_cc3m.json")
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.what == "ari":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        return run_ari(args)
+    if args.n:
+        print(json.dumps(run_one(args)))
+        return 0
+    return run_growth(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
