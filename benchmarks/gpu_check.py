@@ -1,6 +1,15 @@
-"""GPU check (issue 17, item 4): what only a CUDA device can show, in one short run.
+"""GPU check (issues 17, 26): what only a CUDA device can show, in one short run.
 
-Parts, each in its own subprocess with a timeout (a crash or hang in one does not stop the others):
+Parts, each in its own subprocess with a timeout (a crash or hang in one does not stop the others),
+in this order (the most wanted first: when the time budget runs out, the last ones are skipped):
+
+  coop_fp16, coop_amp, coop_meta_train
+            the REAL upstream CoOp trainer (Dassl build_trainer, CoOp's vit_b16_ctxv1.yaml, a random
+            CLIP of ViT-B/16 dimensions, Caltech101, batch 32) plain vs the README's three lines with a
+            regulator vs + ProGrad, under PREC fp16 and amp: ms per iteration, peak memory, finite
+            losses; and one timed ``gram-plugin meta-train --dassl-config`` run (benchmarks/gpu_check_coop.py)
+  chc       CHC's GPU stages at CC3M scale: the library's caption encoder on 200,000 real captions (MiniLM
+            architecture, random weights) and the sampled path's neighbour search (benchmarks/gpu_check_chc.py)
 
   amp       PREC amp with GradScaler on the CoOp replica (tests/fixtures/dassl_like.py), wrapped with a
             random regulator: the regulator sees the *unscaled* gradient (a spy step pre-hook
@@ -11,21 +20,25 @@ Parts, each in its own subprocess with a timeout (a crash or hang in one does no
             the CPU reference of the regulated SGD step within fp16 rounding
   meta_step bench_meta_step.py at ViT-B/16 text-tower size (open_clip ViT-B-16, random weights),
             16 classes, 4 tasks, k = 1..4, second order: time and peak CUDA memory of MetaPromptTrainer
-            (meta2: per-task loop, meta2b: batched meta-step) vs `higher` (higher2) vs the plain steps
-            it unrolls (plain)
+            (meta2: per-task loop, meta2b: batched meta-step holding every inner graph, metad: the
+            default MetaConfig) vs `higher` (higher2) vs the plain steps it unrolls (plain)
   dist      task-parallel meta-training, 2 processes on the one GPU with NCCL, against the same run
             in one process (float64); NCCL refuses two ranks on one device, which is then reported as
             SKIP with NCCL's reason, and the same check runs with gloo on the CUDA tensors instead
 
-Without CUDA (a dry run) every part runs on the CPU, quickly: amp with CPU bfloat16 autocast, fp16 on
-the CPU, meta_step on a tiny CLIP (``--model tiny``, figures meaningless), dist with gloo only.
+Without CUDA (a dry run) every part runs on the CPU, quickly: the coop parts with CoOp's tiny test CLIP
+at 32 px, amp with CPU bfloat16 autocast, fp16 on the CPU, meta_step on a tiny CLIP (``--model tiny``),
+dist with gloo only; the figures are meaningless there.
 
 Usage, from the repo root (on the device: ``bash benchmarks/gpu_check.sh``, which installs first)::
 
-    python3 benchmarks/gpu_check.py [--parts amp,fp16,meta_step,dist] [--out DIR] [--budget 450]
+    python3 benchmarks/gpu_check.py [--parts coop_fp16,...] [--out DIR] [--budget 400] [--caltech DIR]
 
-Writes ``gpu_check.json`` (figures and each part's log tail) and ``gpu_check.md`` into ``$OUT`` / ``--out``;
-prints PASS / FAIL / SKIP per part with its figures; exit status 1 if any part failed.
+The coop parts need GRAM_COOP_ROOT (the CoOp checkout), ``dassl`` importable and ``--caltech``: the folder
+holding ``caltech-101/101_ObjectCategories`` (gpu_check.sh sets all three up on the GPU box).
+Writes ``gpu_check.json`` (figures and each part's log tail) and ``gpu_check.md`` into ``$OUT`` / ``--out``
+after every part (a run cut short keeps what finished; a part that timed out keeps the partial figures
+it had written); prints PASS / FAIL / SKIP per part with its figures; exit status 1 if any part failed.
 """
 
 from __future__ import annotations
@@ -71,8 +84,9 @@ def _project_importable():
 
 _project_importable()
 
-PARTS = ("amp", "fp16", "meta_step", "dist")
-TIMEOUT_S = {"amp": 90, "fp16": 120, "meta_step": 240, "dist": 150}
+PARTS = ("coop_fp16", "coop_amp", "coop_meta_train", "chc", "meta_step", "amp", "fp16", "dist")
+TIMEOUT_S = {"coop_fp16": 100, "coop_amp": 100, "coop_meta_train": 120, "chc": 90, "meta_step": 150, "amp": 60, "fp16": 90,
+             "dist": 90}
 
 
 class CheckFailed(AssertionError):
@@ -258,6 +272,9 @@ def part_fp16(args):
     return out
 
 
+META_VARIANTS = ("plain", "meta2", "meta2b", "metad", "higher2")
+
+
 def part_meta_step(args):
     import torch
 
@@ -266,23 +283,27 @@ def part_meta_step(args):
     cuda = args.device == "cuda"
     ks = (1, 2, 3, 4) if cuda else (1, 2)
     out = {"model": "ViT-B-16" if cuda else "tiny", "classes": 16 if cuda else 3, "tasks": 4 if cuda else 2, "per_k": {}}
-    tmp = Path(args.workdir)
-    for k in ks:
-        path = tmp / f"meta_step_k{k}.json"
-        argv = ["--device", args.device, "--model", out["model"], "--classes", str(out["classes"]), "--k", str(k),
-                "--tasks", str(out["tasks"]), "--repeats", "3" if cuda else "1", "--threads", "1" if not cuda else str(min(8, os.cpu_count() or 1)),
-                "--variants", "plain,meta2,meta2b,meta1,higher2", "--json", str(path)]
-        if not cuda:
-            argv.append("--no-memory")  # the CPU memory figure needs fresh subprocesses: not for a dry run
-        print("bench_meta_step.py " + " ".join(argv), flush=True)
-        bench_meta_step.main(argv)
-        res = json.loads(path.read_text())
+    path = Path(args.workdir) / "meta_step.json"
+    argv = ["--device", args.device, "--model", out["model"], "--classes", str(out["classes"]), "--k", ",".join(map(str, ks)),
+            "--tasks", str(out["tasks"]), "--repeats", "3" if cuda else "1", "--threads", str(min(8, os.cpu_count() or 1)) if cuda else "1",
+            "--variants", ",".join(META_VARIANTS), "--json", str(path)]
+    if not cuda:
+        argv.append("--no-memory")  # the CPU memory figure needs fresh subprocesses: not for a dry run
+    print("bench_meta_step.py " + " ".join(argv), flush=True)
+    bench_meta_step.main(argv)
+    targets = {}
+    for k, res in json.loads(path.read_text())["per_k"].items():
         med = res["median"]
         check(all(v > 0 and v == v for v in med.values()), f"k={k}: bad timings {med}")
-        row = {"median_s": med, "ratios": res["ratios"]}
+        row = {"median_s": med, "ratios": res["ratios"], "kept_graphs": res["kept_graphs"]}
         if res["peak_bytes"]:
             row["peak_mib"] = {v: b / 2**20 for v, b in res["peak_bytes"].items()}
-        out["per_k"][str(k)] = row
+            mem = res["ratios"].get("metad/higher2 peak memory")
+            targets[f"k={k}: default <= 0.5x higher's peak memory"] = mem is not None and mem <= 0.5
+        speed = res["ratios"].get("higher2/metad time (speed-up)")
+        targets[f"k={k}: default >= 2x higher's speed"] = speed is not None and speed >= 2.0
+        out["per_k"][k] = row
+    out["targets"] = targets if cuda else "not evaluated: dry run on the CPU"
     if cuda:
         out["device_name"] = torch.cuda.get_device_name(0)
     return out
@@ -429,7 +450,37 @@ def part_dist(args):
     return out
 
 
-PART_FNS = {"amp": part_amp, "fp16": part_fp16, "meta_step": part_meta_step, "dist": part_dist}
+def _coop_part(prec):
+    def run(args):
+        import gpu_check_coop
+
+        figures = gpu_check_coop.part_coop(args, prec)
+        try:
+            gpu_check_coop.check_coop(figures)
+        except AssertionError as e:
+            raise CheckFailed(str(e)) from None
+        return figures
+
+    return run
+
+
+def _coop_meta_train(args):
+    import gpu_check_coop
+
+    try:
+        return gpu_check_coop.part_coop_meta_train(args)
+    except AssertionError as e:
+        raise CheckFailed(str(e)) from None
+
+
+def _chc(args):
+    import gpu_check_chc
+
+    return gpu_check_chc.part_chc(args)
+
+
+PART_FNS = {"coop_fp16": _coop_part("fp16"), "coop_amp": _coop_part("amp"), "coop_meta_train": _coop_meta_train, "chc": _chc,
+            "amp": part_amp, "fp16": part_fp16, "meta_step": part_meta_step, "dist": part_dist}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +503,8 @@ def run_part_here(args):
         result = {"status": "FAIL", "reason": str(e)}
     except Exception as e:  # noqa: BLE001
         result = {"status": "FAIL", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    if "figures" not in result and Path(args.result).exists():  # what the part had written before failing
+        result["figures"] = json.loads(Path(args.result).read_text()).get("figures")
     result["seconds"] = time.perf_counter() - t0
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
     return 0
@@ -490,29 +543,44 @@ def markdown(env, results):
              "| part | status | seconds | reason |", "|---|---|---|---|"]
     for part, r in results.items():
         lines.append(f"| {part} | {r['status']} | {r.get('seconds', 0):.1f} | {r.get('reason', '')} |")
+    import gpu_check_chc
+    import gpu_check_coop
+
+    lines += gpu_check_coop.markdown_rows(results) + gpu_check_chc.markdown_rows(results)
     ms = results.get("meta_step", {}).get("figures")
     if ms:
-        lines += ["", f"meta_step: {ms['model']} text tower, {ms['classes']} classes, {ms['tasks']} tasks, second order", "",
-                  "| k | plain s | meta2 s | meta2b s | meta1 s | higher2 s | meta2/plain | meta2b/plain | higher2/meta2 | higher2/meta2b | peak MiB plain / meta2 / meta2b / higher2 | meta2/higher2 mem |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
+        lines += ["", f"meta_step: {ms['model']} text tower, {ms['classes']} classes, {ms['tasks']} tasks, second order "
+                      "(metad = MetaConfig's default; kept = inner graphs the batched step kept)", "",
+                  "| k | " + " | ".join(f"{v} s" for v in META_VARIANTS) + " | higher2 / meta2b | higher2 / metad | peak MiB "
+                  + " / ".join(META_VARIANTS) + " | meta2b / higher2 mem | metad / higher2 mem | kept (metad) |",
+                  "|---|" + "---|" * (len(META_VARIANTS) + 6)]
         for k, row in ms["per_k"].items():
             m, r, pk = row["median_s"], row["ratios"], row.get("peak_mib", {})
-            nan = float("nan")
-            lines.append(
-                f"| {k} | {m.get('plain', 0):.4f} | {m.get('meta2', 0):.4f} | {m.get('meta2b', 0):.4f} | {m.get('meta1', 0):.4f} | "
-                f"{m.get('higher2', 0):.4f} | {r.get('meta2/plain time', nan):.2f} | {r.get('meta2b/plain time', nan):.2f} | "
-                f"{r.get('higher2/meta2 time (speed-up)', nan):.2f} | {r.get('higher2/meta2b time (speed-up)', nan):.2f} | "
-                + (" / ".join(f"{pk.get(v, nan):.0f}" for v in ("plain", "meta2", "meta2b", "higher2")) if pk else "-")
-                + f" | {r.get('meta2/higher2 peak memory', float('nan')):.3f} |")
+            lines.append(f"| {k} | " + " | ".join(f"{m.get(v, nan):.4f}" for v in META_VARIANTS)
+                         + f" | {r.get('higher2/meta2b time (speed-up)', nan):.2f} | {r.get('higher2/metad time (speed-up)', nan):.2f} | "
+                         + (" / ".join(f"{pk.get(v, nan):.0f}" for v in META_VARIANTS) if pk else "-")
+                         + f" | {r.get('meta2b/higher2 peak memory', nan):.3f} | {r.get('metad/higher2 peak memory', nan):.3f} | "
+                         f"{row['kept_graphs'].get('metad')} |")
+        lines.append(f"\nmeta_step targets: {ms.get('targets')}")
     lines += ["", "```json", json.dumps({p: r.get("figures") for p, r in results.items()}, indent=1, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def write_report(out: Path, env: dict, results: dict, start: float) -> None:
+    env["loadavg_end"] = os.getloadavg()
+    env["total_s"] = time.perf_counter() - start
+    (out / "gpu_check.json").write_text(json.dumps({"environment": env, "results": results}, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(env, results))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all parts together")
+    p.add_argument("--budget", type=float, default=400.0, help="seconds for all parts together")
+    p.add_argument("--caltech", default=os.environ.get("GRAM_CALTECH_ROOT", str(Path.home() / ".cache/gram-plugin-tests/caltech-101")),
+                   help="folder holding caltech-101/101_ObjectCategories (the coop parts)")
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--device", help=argparse.SUPPRESS)
@@ -537,13 +605,15 @@ def main(argv=None):
         if part not in PART_FNS:
             raise SystemExit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
         left = args.budget - (time.perf_counter() - start)
-        timeout = min(TIMEOUT_S[part], left)
+        # the timeouts are the GPU's; a dry run on a shared CPU gets four times as long (same budget)
+        timeout = min(TIMEOUT_S[part] * (1 if device == "cuda" else 4), left)
         if timeout < 10:
             results[part] = {"status": "SKIP", "reason": f"time budget ({args.budget:.0f} s) used up"}
             print(f"[SKIP] {part}: {results[part]['reason']}", flush=True)
             continue
         res_file, log_file = work / f"{part}.result.json", work / f"{part}.log"
-        cmd = [sys.executable, __file__, "--part", part, "--result", str(res_file), "--device", device, "--workdir", str(work)]
+        cmd = [sys.executable, __file__, "--part", part, "--result", str(res_file), "--device", device, "--workdir", str(work),
+               "--caltech", args.caltech]
         t0 = time.perf_counter()
         with open(log_file, "w") as log:
             try:
@@ -554,6 +624,8 @@ def main(argv=None):
                 rc = "timeout"
         if res_file.exists():
             results[part] = json.loads(res_file.read_text())
+            if rc == "timeout":  # the partial figures the part had written, kept
+                results[part].update(status="FAIL", reason=f"timed out after {timeout:.0f} s (partial figures kept)")
         elif rc == "timeout":
             results[part] = {"status": "FAIL", "reason": f"timed out after {timeout:.0f} s"}
         else:
@@ -569,10 +641,8 @@ def main(argv=None):
             print(r["traceback"], flush=True)
         elif r["status"] == "FAIL":
             print(r["log_tail"], flush=True)
-    env["loadavg_end"] = os.getloadavg()
-    env["total_s"] = time.perf_counter() - start
-    (out / "gpu_check.json").write_text(json.dumps({"environment": env, "results": results}, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(env, results))
+        write_report(out, env, results, start)  # after every part: a run cut short keeps what finished
+    write_report(out, env, results, start)
     print("\n" + markdown(env, results).split("```json")[0], flush=True)
     statuses = {r["status"] for r in results.values()}
     print(f"gpu_check: {'FAIL' if 'FAIL' in statuses else 'OK'} in {env['total_s']:.0f} s; "
