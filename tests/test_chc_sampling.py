@@ -98,3 +98,15 @@ def test_the_index_finds_the_brute_force_neighbours_on_clear_data():
     same_first = idx[:, 0] == exact_idx[:, 0]  # approximate: a few may miss their nearest
     assert same_first.mean() > 0.98
     np.testing.assert_allclose(dist[same_first, 0], exact_dist[same_first, 0], atol=1e-5)
+
+
+def test_unset_sizes_are_resolved_for_the_whole_corpus_then_scaled_to_the_sample():
+    from gram_plugin.chc.scaling import scaled_min_cluster_size, scaled_min_samples
+
+    x, _ = blobs(per=300)  # 1,200 captions: min_cluster_size 5 / min_samples 3 by the scaled rule
+    mcs = scaled_min_cluster_size(len(x))
+    _, _, info = sampling.reduce_and_cluster(x, CHCConfig(umap_neighbors=10, progress=False, fit_sample=400,
+                                                          device="cpu", assign_knn="exact"))
+    # the corpus's share kept on the sample (not the rule applied to the sample's 400: 5 and 3)
+    assert (info["sample_min_cluster_size"], info["sample_min_samples"]) == (
+        sampling.scaled(mcs, 1 / 3), sampling.scaled(scaled_min_samples(mcs), 1 / 3)) == (2, 2)

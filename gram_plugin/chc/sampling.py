@@ -5,7 +5,8 @@ linearly and hold several copies of the data (benchmarks/CHC.md's projection to 
 ``CHCConfig.fit_sample`` captions :func:`reduce_and_cluster` instead
 
 1. draws a seeded sample of ``fit_sample`` captions and runs the exact path on it: UMAP (exact cosine
-   k-NN graph) and HDBSCAN, with ``min_cluster_size`` / ``min_samples`` scaled by the sampled fraction so
+   k-NN graph) and HDBSCAN, with ``min_cluster_size`` / ``min_samples`` -- as given, or resolved for the
+   whole corpus by :meth:`CHCConfig.resolved` when left ``None`` -- scaled by the sampled fraction so
    that a topic needs as large a share of the corpus as the exact run asks for (at least 2);
 2. places every other caption, ``assign_chunk`` at a time (bounded memory): its ``umap_neighbors``
    nearest sampled captions by cosine (``assign_knn="auto"``: brute force on a GPU,
@@ -114,6 +115,7 @@ def reduce_and_cluster(emb: np.ndarray, cfg: CHCConfig) -> tuple[np.ndarray, np.
     from . import clustering, reduction
 
     n = len(emb)
+    cfg = cfg.resolved(n)  # HDBSCAN's unset sizes for the whole corpus (scaling.py), scaled to the sample below
     seconds = {}
     t = time.perf_counter()
     if not cfg.fit_sample or n <= cfg.fit_sample:
