@@ -5,8 +5,8 @@
     #    adjusted Rand index of each against the exact seed-0 topics
     python3 benchmarks/chc_cc3m.py ari --samples 5000,10000,20000 --cache-dir /tmp/perf-chc-cache --out /tmp/perf/chc-ari.json
 
-    # 2. growth: build_hierarchy with the default CHCConfig (fit_sample 100,000) on N captions, each N in a
-    #    fresh process. Beyond the 40,961 real captions the corpus is REPLICATED: caption i is real caption
+    # 2. growth: build_hierarchy with the default CHCConfig (fit_sample 100,000, or --fit-sample) on N
+    #    captions, each N in a fresh process. Beyond the 40,961 real captions the corpus is REPLICATED: caption i is real caption
     #    i mod 40,961 and its embedding that caption's MiniLM embedding plus Gaussian noise (--noise per
     #    dimension, then L2-normalised; cosine to the original ~0.98 at 0.01): a cost measurement only,
     #    the topics of replicas mean nothing. The encoder is not run (its cost is linear: projected from
@@ -119,7 +119,8 @@ def replicated(base, n, noise, seed=0, chunk=65_536):
 
 
 def run_one(args) -> dict:
-    """In this (fresh) process: build_hierarchy on ``args.n`` captions with the default CHCConfig."""
+    """In this (fresh) process: build_hierarchy on ``args.n`` captions with the default CHCConfig (but
+    ``--fit-sample``)."""
     import hdbscan
     import torch
 
@@ -147,7 +148,7 @@ def run_one(args) -> dict:
     clock.wrap(sampling.SampleIndex, "__init__", "index")
     clock.wrap(sampling.SampleIndex, "query", "neighbours")
     clock.wrap(hdbscan, "approximate_predict", "predict")
-    cfg = chc.CHCConfig(progress=False, device="cpu")
+    cfg = chc.CHCConfig(progress=False, device="cpu", **({} if args.fit_sample is None else {"fit_sample": args.fit_sample}))
     rss0 = _status_kib("VmRSS") / 1024
     t0, c0 = time.perf_counter(), time.process_time()
     _reset_peak()
@@ -170,6 +171,7 @@ def run_growth(args):
         load0, utc0 = os.getloadavg()[0], time.strftime("%H:%M:%S", time.gmtime())
         cmd = [sys.executable, __file__, "growth", "--n", str(n), "--threads", str(args.threads), "--noise", str(args.noise),
                "--captions", args.captions, "--cache-dir", args.cache_dir]
+        cmd += [] if args.fit_sample is None else ["--fit-sample", str(args.fit_sample)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"n={n}: failed\n{res.stderr[-3000:]}", flush=True)
@@ -193,6 +195,7 @@ def main(argv=None):
     p.add_argument("--samples", default="5000,10000,20000", help="ari: fit_sample sizes")
     p.add_argument("--sizes", default="40961,250000,500000,1000000", help="growth: corpus sizes")
     p.add_argument("--noise", type=float, default=0.01, help="growth: per-dimension noise of the replicas")
+    p.add_argument("--fit-sample", type=int, help="growth: CHCConfig.fit_sample (default: CHCConfig's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--captions", default=str(CAPTIONS))
     p.add_argument("--cache-dir", default="/tmp/perf-chc-cache", help="embedding cache of the real captions")
