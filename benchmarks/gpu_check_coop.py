@@ -62,7 +62,7 @@ def sizes(cuda: bool) -> dict:
                 "classes": "all", "meta_steps": 3, "meta_args": []}
     # CPU: fp16 matrix products are slow there, so the dry run takes the 50 base classes
     return {"clip": None, "input": 32, "batch": 4, "shots": 1, "workers": 0, "warmup": 1, "iters": 2, "classes": "base",
-            "meta_steps": 2, "meta_args": ["--inner-steps", "1", "--meta-batch", "2", "--n-way", "3", "--k-support", "1",
+            "meta_steps": 2, "meta_args": ["--inner-steps", "1", "--meta-batch-size", "2", "--n-way", "3", "--k-support", "1",
                                            "--k-query", "1"]}
 
 
@@ -281,13 +281,13 @@ def cli_entry():
     return getattr(importlib.import_module(m.group(1)), m.group(2))
 
 
-def meta_train_argv(up, root: Path, out: Path, run_dir: Path, cuda: bool) -> list[str]:
-    """The README's meta-train command on CoOp's own configs, at the run's sizes."""
+def meta_train_argv(up, root: Path, run: Path, cuda: bool) -> list[str]:
+    """The README's meta-train command on CoOp's own configs, at the run's sizes (``run``: its run folder)."""
     s = sizes(cuda)
     return ["meta-train", "--dassl-config", str(up.root / "configs/trainers/CoOp" / CONFIG),
             "--dataset-config", str(up.root / "configs/datasets/caltech101.yaml"), "--trainer", "CoOp",
-            "--fork", str(up.root), "--root", str(root), "--out", str(out), "--run-dir", str(run_dir),
-            "--steps", str(s["meta_steps"]), "--checkpoint-every", "0", "--no-progress", *s["meta_args"],
+            "--fork", str(up.root), "--root", str(root), "--out", str(run),
+            "--meta-steps", str(s["meta_steps"]), "--checkpoint-every", "0", "--quiet", *s["meta_args"],
             "USE_CUDA", str(cuda), "INPUT.SIZE", f"({s['input']}, {s['input']})", "DATALOADER.NUM_WORKERS", str(s["workers"])]
 
 
@@ -300,10 +300,10 @@ def part_coop_meta_train(args) -> dict:
 
     cuda = args.device == "cuda"
     work = Path(args.workdir)
-    out_path, run_dir = work / "meta_init.safetensors", work / "meta_run"
+    run = work / "meta_run"  # the run folder: RUN/init.safetensors, RUN/meta/log.csv
     with coop_repo(cuda, work) as up:
         root = data_root(args.caltech, work)
-        argv = meta_train_argv(up, root, out_path, run_dir, cuda)
+        argv = meta_train_argv(up, root, run, cuda)
         print("gram-plugin " + " ".join(argv), flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -312,11 +312,11 @@ def part_coop_meta_train(args) -> dict:
         wall = time.perf_counter() - t0
     if rc != 0:
         raise AssertionError(f"gram-plugin meta-train exited with status {rc}")
-    with open(run_dir / "log.csv", newline="") as f:
+    with open(run / "meta" / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     seconds = [float(r["seconds"]) for r in rows]
     losses = [float(r["meta_loss"]) for r in rows]
-    init = PromptInit.load(out_path)
+    init = PromptInit.load(run / "init.safetensors")
     figures = {"argv": argv, "wall_s": wall, "steps": len(rows), "seconds_per_step": seconds,
                "last_step_s": seconds[-1] if seconds else None, "meta_losses": losses,
                "losses_finite": all(math.isfinite(x) for x in losses), "init_tensors": {n: list(t.shape) for n, t in init.tensors.items()},
