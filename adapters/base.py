@@ -12,7 +12,7 @@ The contract (docs/ARCHITECTURE.md, "The adapter contract") has three parts:
    inherited (a TCP adapter subclassing KgCoOp must not export ``GRAM-KgCoOp``, nor take its
    logits the way KgCoOp's forward returns them) -- and ``prompt_pattern``, ``cfg_node``,
    ``regulated_name``, ``init_aliases``, ``ctx_init_max_tokens``, ``logits_from_own_forward``,
-   ``projects_itself``, ``meta_train_options`` and ``teacher``. Every attribute is documented where
+   ``projects_itself``, ``meta_train_options``, ``teacher`` and ``clip_widths``. Every attribute is documented where
    :class:`DasslAdapter` defines it.
 2. **A strategy object for what only some trainers have**: ProGrad's zero-shot teacher, a
    :class:`ZeroShotTeacher` subclass named by ``teacher`` (or ``None``), made by ``wrap`` only when
@@ -188,6 +188,9 @@ class DasslAdapter:
     #: ProGrad's zero-shot teacher (a :class:`ZeroShotTeacher` subclass), or ``None``: ProGrad then
     #: needs ``wrap(..., teacher=<images -> logits>)``
     teacher: Optional[type] = None
+    #: (text, vision) CLIP widths the trainer's prompt learner hard-codes (MaPLe: 512, 768): the
+    #: random CLIP of ``GRAM.CLIP_WEIGHTS random`` gets them; ``None``: any widths
+    clip_widths: Optional[tuple] = None
 
     def __init__(self, trainer):
         if not hasattr(trainer, "model") or not isinstance(getattr(trainer, "model"), nn.Module):
@@ -480,6 +483,10 @@ def contract_problems(cls: type) -> list[str]:
         problems.append(f"teacher must be a ZeroShotTeacher subclass or None, got {cls.teacher!r}")
     if not (isinstance(cls.meta_train_options, dict) and all(isinstance(k, str) for k in cls.meta_train_options)):
         problems.append(f"meta_train_options must be a dict of 'KEY.PATH': value, got {cls.meta_train_options!r}")
+    widths = cls.clip_widths
+    if widths is not None and not (isinstance(widths, tuple) and len(widths) == 2
+                                   and all(isinstance(w, int) and w > 0 and w % 64 == 0 for w in widths)):
+        problems.append(f"clip_widths must be None or (text width, vision width), positive multiples of 64, got {widths!r}")
     return problems
 
 

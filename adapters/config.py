@@ -150,3 +150,6 @@ def add_gram_cfg(cfg) -> None:
     cfg.GRAM.STRICT = d.strict
     # check the init's backbone metadata against this name ("" = no check)
     cfg.GRAM.BACKBONE = d.backbone or ""
+    # the CLIP weights the trainer's load_clip_to_cpu reads (a cfg-only key, applied by compat.patch_dassl):
+    # "" = its own download, a file (OpenAI's .pt, or a CLIP state dict), "random" = a seeded random CLIP
+    cfg.GRAM.CLIP_WEIGHTS = ""

@@ -115,9 +115,11 @@ def test_inherited_model_logits_and_inconsistent_declarations_are_refused():
         forward_output = "scores"
         prompt_pattern = "(unclosed"
         teacher = object
+        clip_widths = (512, 700)
 
     problems = contract_problems(Bad)
-    for word in ("family must be", "forward_output must be one of", "not a regular expression", "teacher must be"):
+    for word in ("family must be", "forward_output must be one of", "not a regular expression", "teacher must be",
+                 "clip_widths must be"):
         assert any(word in p for p in problems), word
     assert contract_problems(CoOpAdapter) == [] and contract_problems(KgCoOpAdapter) == []
 

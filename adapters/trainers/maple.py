@@ -34,6 +34,7 @@ class MaPLeAdapter(DasslAdapter):
     init_aliases = {"ctx": "prompt_learner.ctx"}
     cfg_node = "MAPLE"
     ctx_init_max_tokens = 4
+    clip_widths = (512, 768)  # its prompt learner hard-codes these (text, vision) widths
 
     def prepare_meta_training(self) -> None:
         """Cast upstream's fp16 ``proj`` to float32 when the rest of the model is float32 (``PREC fp32``)."""
