@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import GramPluginError
 from .config import integer_at_least, one_of, positive_number, raise_problems, seed_problems
-from .metabatch import BatchedMetaStep
+from .metabatch import BatchedMetaStep, supports_batching
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
@@ -171,11 +171,14 @@ class MetaPromptTrainer:
             unknown = [n for n in regulator.shapes if n not in self.params]
             if unknown:
                 raise ValueError(f"regulator has heads for parameters that are not meta-learned: {unknown}")
-        step_cls = BatchedMetaStep if cfg.batch_tasks else MetaStep
+        batched = cfg.batch_tasks and supports_batching(loss_fn)
+        step_cls = BatchedMetaStep if batched else MetaStep
+        # a loss without a batched form runs task by task anyway: one backward per task then holds one
+        # task's graph at a time (not the meta-batch's) and lets the progress bar move with each task
         self.meta_step = step_cls(loss_fn, regulator, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
                                   first_order=cfg.first_order, checkpoint_inner=cfg.checkpoint_inner,
                                   track_alignment=cfg.track_alignment,
-                                  tasks_per_backward=cfg.meta_batch_size if cfg.batch_tasks else 1)
+                                  tasks_per_backward=cfg.meta_batch_size if batched else 1)
         self.theta_opt = torch.optim.Adam(list(self.params.values()), lr=cfg.outer_lr)
         self.phi_opt = torch.optim.Adam(regulator.parameters(), lr=cfg.regulator_lr) if regulator is not None else None
         self._clip = clip_meta(cfg.clip_gamma) if cfg.clip_gamma else None
@@ -221,13 +224,15 @@ class MetaPromptTrainer:
     def _phi_grads(self) -> dict:
         return {k: p.grad for k, p in self.regulator.named_parameters()} if self.regulator is not None else {}
 
-    def outer_step(self, tasks: list[Task]) -> dict:
-        """One meta-update from a meta-batch of tasks (this rank's share under torch.distributed)."""
+    def outer_step(self, tasks: list[Task], on_tasks_done: Callable[[int], None] | None = None) -> dict:
+        """One meta-update from a meta-batch of tasks (this rank's share under torch.distributed);
+        ``on_tasks_done(k)`` is told as this rank's tasks are done (the progress bar)."""
         cfg = self.config
         rank, world = _dist_info()
         self._zero_grad()
         n = len(tasks)
-        stats = self.meta_step.accumulate_gradients(self.params, tasks[rank::world], scale=1.0 / n)
+        stats = self.meta_step.accumulate_gradients(self.params, tasks[rank::world], scale=1.0 / n,
+                                                    on_tasks_done=on_tasks_done)
         nonfinite = stats.nonfinite
         if world > 1:
             stats = self._all_reduce(stats)  # every rank learns if any rank saw a non-finite value
@@ -367,11 +372,16 @@ class MetaPromptTrainer:
         if cfg.progress and rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True)
+            # advances by each task's share of a step, so the rate and the time left show after the
+            # first task instead of after a whole (possibly minutes-long) outer step
+            bar = tqdm(total=total, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
         try:
             while self.step < total:
                 t0 = time.perf_counter()
-                record = self.outer_step(self.sample_meta_batch(source))
+                tasks = self.sample_meta_batch(source)
+                mine = max(1, len(tasks[rank::_dist_info()[1]]))
+                record = self.outer_step(tasks, on_tasks_done=None if bar is None else (lambda k: bar.update(k / mine)))
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
                 if logger is not None and (self.step % cfg.log_every == 0 or self.step == total):
@@ -379,7 +389,7 @@ class MetaPromptTrainer:
                 if callback is not None:
                     callback(record)
                 if bar is not None:
-                    bar.update(1)
+                    bar.n = self.step  # whole steps again (no float drift; a skipped step counts too)
                     bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
                 if self.run_dir is not None and rank == 0 and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()

@@ -212,13 +212,15 @@ class MetaStep:
         return list(params.values()) + (list(self.regulator.parameters()) if self.regulator is not None else [])
 
     def accumulate_gradients(
-        self, params: Mapping[str, torch.Tensor], tasks: Sequence[Task], scale: float = 1.0
+        self, params: Mapping[str, torch.Tensor], tasks: Sequence[Task], scale: float = 1.0,
+        on_tasks_done: Callable[[int], None] | None = None,
     ) -> StepStats:
         """Add ``scale`` * d(sum of query losses)/d(theta, phi) to ``.grad``; return the summed diagnostics.
 
         Stops at the first task whose adaptation was non-finite (``stats.nonfinite`` names it); the
         caller then discards the gradients. A non-finite query loss is left for the caller to see in
-        ``stats.meta_loss`` and the gradients.
+        ``stats.meta_loss`` and the gradients. ``on_tasks_done(k)`` is called after each backward
+        with the number of tasks it covered (progress within a long outer step).
         """
         stats = StepStats()
         group = max(1, int(self.tasks_per_backward))
@@ -229,6 +231,8 @@ class MetaStep:
                     stats.nonfinite = f"task {start + i}: {out.nonfinite}"
                     return stats
             (sum(o.query_loss for o in outs) * scale).backward()
+            if on_tasks_done is not None:
+                on_tasks_done(len(outs))
             for o in outs:
                 stats.tasks += 1
                 stats.meta_loss += float(o.query_loss.detach())

@@ -535,9 +535,9 @@ def test_cheap_inputs_are_checked_before_the_dataset_is_read(tmp_path, capsys, m
 def test_meta_train_with_skipped_steps_writes_null_not_nan_into_metrics(tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
 
-    def flaky_accumulate(self, params, tasks, scale=1.0):
+    def flaky_accumulate(self, params, tasks, scale=1.0, **progress):
         calls["n"] += 1
-        stats = orig_accumulate(self, params, tasks, scale)
+        stats = orig_accumulate(self, params, tasks, scale, **progress)
         if calls["n"] == 2:
             stats.nonfinite = "inner step 0: injected"
         return stats

@@ -70,6 +70,8 @@ def build_cfg(dassl: DasslConfig, shots: int, seed: int, fork_train, trainer_cls
     cfg.TRAINER.NAME = dassl.trainer
     cfg.SEED = seed
     cfg.merge_from_list(list(dassl.opts))
+    if dassl.clip_weights:  # --clip-weights beats a GRAM.CLIP_WEIGHTS among the KEY VALUE options
+        cfg.GRAM.CLIP_WEIGHTS = dassl.clip_weights
     # what the adapter says its trainer needs for meta-training (PREC fp32: second-order gradients)
     forced = [("DATASET.SUBSAMPLE_CLASSES", "base"), ("DATASET.NUM_SHOTS", shots), ("GRAM.ENABLED", False),
               *adapter_cls.meta_train_cfg(cfg)]
@@ -116,6 +118,31 @@ def decoded_once_dataset(items, classnames, size: int, mean, std, name: str, cac
     return ds
 
 
+def pool_problem(tasks, train_x, cfg) -> str | None:
+    """Why the few-shot base-class images the trainer built cannot fill ``--tasks`` (in the flags' words), or None.
+
+    Checked on the images themselves: ``DATASET.NUM_SHOTS`` keeps every image of a class that has fewer
+    (ImageNet-mini: 10), so ``--shots`` alone does not tell."""
+    from collections import Counter
+
+    counts = Counter(x.label for x in train_x)
+    if not counts:
+        return f"{cfg.DATASET.NAME}: no base-class training images under DATASET.ROOT {cfg.DATASET.ROOT}"
+    most = max(counts.values())
+    if tasks.tasks == "per-dataset":
+        need, want, what = tasks.k_support + 1, len(counts), f"--k-support {tasks.k_support} + 1 query image"
+    else:
+        need, want = tasks.k_support + tasks.k_query, tasks.n_way
+        what = f"--k-support {tasks.k_support} + --k-query {tasks.k_query} = {need} images"
+    enough = sum(n >= need for n in counts.values())
+    if enough >= want:
+        return None
+    half = max(1, most // 2)
+    return (f"{what} per class, but only {enough} of the {len(counts)} base classes of {cfg.DATASET.NAME} have that "
+            f"many (DATASET.NUM_SHOTS {cfg.DATASET.NUM_SHOTS} found at most {most} images a class) and the tasks need "
+            f"{want}: draw smaller tasks, e.g. --shots {most} --k-support {half} --k-query {most - half}")
+
+
 def meta_train_through_dassl(args) -> int:
     """The Dassl path of ``meta-train``: check, build the fork's trainer, meta-train, write the run folder."""
     p = plan(args)  # everything checked before the fork, Dassl or any model is loaded
@@ -140,6 +167,11 @@ def meta_train_through_dassl(args) -> int:
                            f"{', '.join(sorted(TRAINER_REGISTRY.registered_names()))}")
         trainer_cls = TRAINER_REGISTRY.get(dassl.trainer)
         cfg = build_cfg(dassl, p.data.shots, args.seed, fork_train, trainer_cls)
+        from dassl.utils import set_random_seed
+
+        # seeded as the fork's train.py seeds before build_trainer: the split files CoOp writes into
+        # DATASET.ROOT, the few-shot subset and the trainer's own random init are then those of --seed
+        set_random_seed(cfg.SEED)
         trainer = build_trainer(cfg)
         adapter = adapter_class(trainer_cls)(trainer)
         ds = trainer.dm.dataset
@@ -147,6 +179,9 @@ def meta_train_through_dassl(args) -> int:
         if p.tasks.corpus is not None:  # GRAM's tasks from an image-caption corpus, as the trainer's input
             tasks = corpus_task_source_for_trainer(p, run, cfg, clip_model, resume=args.resume, quiet=args.quiet)
         else:
+            problem = pool_problem(p.tasks, ds.train_x, cfg)
+            if problem:
+                raise CLIError(problem)
             images = decoded_once_dataset([Item(x.impath, x.label) for x in ds.train_x], ds.classnames,
                                           cfg.INPUT.SIZE[0], cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.DATASET.NAME,
                                           cache=dassl.image_cache)
@@ -156,7 +191,8 @@ def meta_train_through_dassl(args) -> int:
                           tokenize=adapter.tokenizer(), regulator=gram or None, run_dir=run.path("meta"),
                           resume=args.resume, adapter=adapter,
                           metadata={"backbone": cfg.MODEL.BACKBONE.NAME, "dataset": cfg.DATASET.NAME,
-                                    "dassl_config": str(dassl.dassl_config), "base_classes": len(ds.classnames)})
+                                    "dassl_config": str(dassl.dassl_config), "base_classes": len(ds.classnames),
+                                    **({"clip_weights": cfg.GRAM.CLIP_WEIGHTS} if cfg.GRAM.CLIP_WEIGHTS else {})})
         out = init.save(run.path("init.safetensors"), overwrite=True)
         run.write_metrics({key: init.metadata.get(key) for key in ("method_name", "meta_steps", "skipped_steps")})
         run.log(f"{init.metadata['method_name']}: wrote {out} ({', '.join(init.tensors)}; "

@@ -108,6 +108,7 @@ class DasslConfig:
     root: str | None = None  # DATASET.ROOT
     fork: str = "."  # the fork's root: its train.py (extend_cfg, dataset and trainer imports)
     image_cache: bool = True  # decode every task image once and keep it as uint8
+    clip_weights: str | None = None  # GRAM.CLIP_WEIGHTS: the CLIP file load_clip_to_cpu reads, or "random"
     opts: list = field(default_factory=list)  # trailing KEY VALUE config options, as train.py takes them
 
     def __post_init__(self):
@@ -123,6 +124,10 @@ class DasslConfig:
             problems.append(f"--fork {self.fork}: no train.py there (run from the fork's root or pass --fork)")
         if self.root is not None and not Path(self.root).is_dir():
             problems.append(f"--root {self.root} is not a folder")
+        if self.clip_weights not in (None, "random") and not Path(self.clip_weights).expanduser().is_file():
+            problems.append(f"--clip-weights {self.clip_weights} "
+                            f"{'is a folder, not a file' if Path(self.clip_weights).is_dir() else 'does not exist'} "
+                            "(a CLIP checkpoint: OpenAI's .pt as downloaded, or a CLIP state dict; or 'random')")
         flags = [o for o in self.opts if str(o).startswith("--")]
         if flags:
             problems.append(f"{flags[0]} comes after the trailing KEY VALUE config options: put the flags first")
@@ -144,7 +149,7 @@ _PROMPT_FIELDS = ("mode", "n_ctx", "n_vpt", "vpt_deep", "visual_prompt", "pixel_
 # the two ways to meta-train: each one's flags are refused on the other (None = not given)
 STANDALONE_ONLY = ("backbone", "data", "test_fraction", "skip_unreadable", "mode", "n_ctx", "ctx_init", "n_vpt",
                    "vpt_deep", "cache_dir", "no_cache")
-DASSL_ONLY = ("dataset_config", "trainer", "root", "fork", "no_image_cache", "opts")
+DASSL_ONLY = ("dataset_config", "trainer", "root", "fork", "no_image_cache", "clip_weights", "opts")
 # flags of the earlier meta-train commands -> what replaced them
 RENAMED = {
     "--steps": "--steps is now --meta-steps",
@@ -311,6 +316,10 @@ def add_dassl(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-image-cache", dest="no_image_cache", action="store_const", const=True, default=None,
                    help="decode every task image from disk each time (default: decoded once and kept as uint8, "
                         "3 * INPUT.SIZE^2 bytes per base-class image)")
+    g.add_argument("--clip-weights", dest="clip_weights", default=None, metavar="FILE",
+                   help="the CLIP checkpoint the trainer's load_clip_to_cpu reads instead of downloading it "
+                        "(GRAM.CLIP_WEIGHTS; OpenAI's .pt or a CLIP state dict), or 'random': a seeded random CLIP "
+                        "for a smoke run (examples/coop_fork/README.md, 'CLIP weights')")
     g.add_argument("opts", nargs=argparse.REMAINDER, help="more config options, KEY VALUE ... (as train.py)")
 
 
