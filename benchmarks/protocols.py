@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ from gram_plugin.cache import FeatureCache
 from gram_plugin.data import NWayKShotTasks, benchmark_sets, few_shot
 from gram_plugin.finetune import evaluate, evaluate_base_new, tune
 from gram_plugin.models import PromptedCLIP
+from gram_plugin.stats import mean_sd, paired_difference
 
 METHODS = ("zero-shot", "CoOp", "CoOp+MAML-clip", "CoOp+GRAM", "CoOp+ProGrad")
 CTX_INIT = "a photo of a"
@@ -100,8 +100,7 @@ def run_method(method, backbone, data, shots, seed, inits, args, curves=False):
 
 # -- report -----------------------------------------------------------------------------------------
 def mean_std(xs):
-    xs = [100 * x for x in xs]
-    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return mean_sd([100 * x for x in xs])
 
 
 def fmt(xs):
@@ -111,13 +110,10 @@ def fmt(xs):
 
 def paired(xs, ref) -> str:
     """Per-seed differences (points) of ``xs`` against ``ref`` (same seeds): mean ± std, paired t, #positive."""
-    d = [100 * (a - b) for a, b in zip(xs, ref)]
-    if not d:
+    n = min(len(xs), len(ref))
+    if not n:
         return "-"
-    m = statistics.mean(d)
-    s = statistics.stdev(d) if len(d) > 1 else 0.0
-    t = m / (s / math.sqrt(len(d))) if s > 0 else float("nan")
-    return f"{m:+.1f} ± {s:.1f} (t {t:+.1f}; {sum(x > 0 for x in d)}/{len(d)} > 0)"
+    return paired_difference([100 * a for a in xs[:n]], [100 * b for b in ref[:n]]).format()
 
 
 def header(results, args, seconds) -> list[str]:

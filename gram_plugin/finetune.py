@@ -20,6 +20,7 @@ from .config import integer_at_least, one_of, positive_number, raise_problems, s
 from .hooks import StepArguments, install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
+from .stats import harmonic_mean  # noqa: F401  (part of this module's API since before stats.py)
 from .transforms import chain, general_knowledge_gradients, prograd, regulate
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -84,11 +85,6 @@ def evaluate(model, dataset, batch_size: int = 128) -> float:
             raise TuningError(f"non-finite logits on {dataset.name} (images {idx[0]}..{idx[-1]}): no accuracy to report")
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     return correct / len(dataset)
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """H = 2 base new / (base + new), the base-to-new protocol's summary (0 when both are 0)."""
-    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
 def evaluate_base_new(model, base_test, new_test, all_test=None) -> dict:

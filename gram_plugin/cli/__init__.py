@@ -1,18 +1,19 @@
-"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo | chc.
+"""``gram-plugin`` command line: meta-train | tune | eval | inspect | demo | chc | compare.
 
 One module per command (``demo``, ``meta_train`` with its Dassl path in ``dassl``, ``tune``, ``eval``,
-``inspect``, ``chc``), each adding its own parser; what they share: ``options`` (flags, the CLI's config
-dataclasses, ``CLIError``), ``plan`` (every option checked before anything is loaded), ``run_folder``
-(``--out``), ``pipeline`` (the standalone path's steps), ``parser`` (the parser and ``--config`` yaml).
+``inspect``, ``chc``, ``compare``), each adding its own parser; what they share: ``options`` (flags, the
+CLI's config dataclasses, ``CLIError``), ``plan`` (every option checked before anything is loaded),
+``run_folder`` (``--out``), ``pipeline`` (the standalone path's steps), ``parser`` (the parser and
+``--config`` yaml).
 
-Every command writes into one run folder (``--out``): ``config.yaml``, ``log.txt``, ``metrics.json``,
-artefacts (``init.safetensors``, ``prompt.safetensors``) and ``accuracy.png``; meta-train also keeps
-checkpoints in ``meta/`` (``--resume`` continues from them). Options may come from ``--config
-file.yaml`` (keys = option names with ``_``); flags given on the command line win. A non-empty run
-folder is refused unless ``--resume`` or ``--overwrite`` is given, and a run holds a lock on its folder
-while it writes. Errors gram-plugin raises on purpose (:class:`~gram_plugin.errors.GramPluginError`)
-and ``OSError`` print one line (exit status 2; ``--debug`` shows the traceback); anything else is a
-bug and keeps its traceback.
+Every command but ``inspect`` and ``compare`` writes into one run folder (``--out``): ``config.yaml``,
+``log.txt``, ``metrics.json``, artefacts (``init.safetensors``, ``prompt.safetensors``) and
+``accuracy.png``; meta-train also keeps checkpoints in ``meta/`` (``--resume`` continues from them). Options
+may come from ``--config file.yaml`` (keys = option names with ``_``); flags given on the command line win.
+A non-empty run folder is refused unless ``--resume`` or ``--overwrite`` is given, and a run holds a lock on
+its folder while it writes. Errors gram-plugin raises on purpose
+(:class:`~gram_plugin.errors.GramPluginError`) and ``OSError`` print one line (exit status 2; ``--debug``
+shows the traceback); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

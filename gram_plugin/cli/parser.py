@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import chc, demo, eval, inspect, meta_train, tune
+from . import chc, compare, demo, eval, inspect, meta_train, tune
 from .options import RENAMED, CLIError
 
-COMMANDS = (demo, meta_train, tune, eval, inspect, chc)
+COMMANDS = (demo, meta_train, tune, eval, inspect, chc, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """``gram-plugin``'s parser; ``parser.commands`` maps each command's name to its sub-parser."""
     parser = argparse.ArgumentParser(
-        prog="gram-plugin", description="gram-plugin command line: meta-train | tune | eval | inspect | demo | chc. "
-        "Every command writes into one run folder (--out).")
+        prog="gram-plugin", description="gram-plugin command line: meta-train | tune | eval | inspect | demo | chc | "
+        "compare. Every command but inspect and compare writes into one run folder (--out).")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
