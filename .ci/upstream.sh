@@ -43,7 +43,8 @@ promptsrc=$(unpack PromptSRC)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$python" -m pip install -q -c "$repo/constraints.txt" torch numpy yacs gdown tabulate future \
   "wilds==1.2.2" tensorboard ftfy regex scipy scikit-learn tqdm >&2
-"$python" -m pip install -q -c "$repo/constraints.txt" --no-build-isolation --no-deps -e "$dassl" >&2
+# --use-pep517: pip 23.0 would run setup.py develop, which setuptools 84 hands back to pip with build isolation
+"$python" -m pip install -q -c "$repo/constraints.txt" --no-build-isolation --use-pep517 --no-deps -e "$dassl" >&2
 OUTDATED_IGNORE=1 "$python" -c "import dassl.engine, dassl.data" >&2 \
   || { echo "upstream.sh: Dassl installed but does not import" >&2; exit 1; }
 

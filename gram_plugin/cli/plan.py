@@ -19,7 +19,7 @@ from .run_folder import folder_problems
 
 DASSL_INSTALL = (
     "install the adapters' extra and Dassl into the fork's environment: "
-    "pip install \"/path/to/gram-plugin[dassl]\" and pip install --no-build-isolation --no-deps -e /path/to/Dassl.pytorch "
+    "pip install \"/path/to/gram-plugin[dassl]\" and pip install --no-build-isolation --use-pep517 --no-deps -e /path/to/Dassl.pytorch "
     "(see examples/coop_fork/README.md)"
 )
 # module -> what provides it, for the message when it is missing
