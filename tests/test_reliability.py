@@ -1178,10 +1178,10 @@ def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted
     assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
     real_step = MetaPromptTrainer.outer_step
 
-    def ctrl_c_during_step_2(self, tasks):
+    def ctrl_c_during_step_2(self, tasks, **progress):
         if self.step == 1:
             signal.raise_signal(signal.SIGINT)
-        return real_step(self, tasks)
+        return real_step(self, tasks, **progress)
 
     monkeypatch.setattr(MetaPromptTrainer, "outer_step", ctrl_c_during_step_2)
     rc, err = cli(capsys, *argv, "--out", tmp_path / "cut")
