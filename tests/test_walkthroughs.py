@@ -164,7 +164,8 @@ def make_shared(tmp_path_factory):
     import_dassl()
     from conftest import SHARED_DATA
 
-    upstream_dir = Path(os.environ.get("GRAM_UPSTREAM_SNAPSHOTS", REPO.parent / "shared" / "upstream"))
+    # the snapshots live beside the shared data (../shared/upstream and ../shared/data; GRAM_SHARED_DATA moves both)
+    upstream_dir = Path(os.environ.get("GRAM_UPSTREAM_SNAPSHOTS", SHARED_DATA.parent / "upstream"))
     if not all(os.environ.get(v) for v in ROOT_VARS):
         pytest.skip(f"the walk-throughs need all of {', '.join(ROOT_VARS)} (bash .ci/upstream.sh)")
     missing = [n for n in SNAPSHOTS if not (upstream_dir / f"{n}.tar").exists()]
