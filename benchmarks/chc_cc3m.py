@@ -13,7 +13,8 @@
     #    its measured rate, CHC.md).
     python3 benchmarks/chc_cc3m.py growth --sizes 40961,250000,500000,1000000 --cache-dir /tmp/perf-chc-cache --out /tmp/perf/chc-growth.jsonl
 
-Single-threaded (torch, BLAS, numba: ``--threads 1``) so the process CPU time is the work done. Per stage
+Single-threaded (torch, BLAS, numba: ``--threads 1``) so the process CPU time is the work done, but for
+HDBSCAN's core distances (joblib worker processes: its wall time is the measure). Per stage
 (wrapping the library's functions, as benchmarks/chc_scale.py does): CPU and wall seconds, peak RSS
 (VmHWM reset at each stage). Stages: ``knn`` (exact k-NN graph of what UMAP is fit on), ``umap`` (the
 rest of the UMAP fit), ``hdbscan`` (the fit), ``index`` (NN-descent index of the sample, on a CPU),
