@@ -64,6 +64,7 @@ def main(argv):
 
     torch.set_num_threads(args.threads)
     from gram_plugin import chc
+    from gram_plugin.chc import reduction  # its reduce_umap is memoised below
     from gram_plugin.backbones import build_backbone
     from gram_plugin.chc.corpus import read_corpus
     from gram_plugin.chc.images import corpus_features
@@ -76,7 +77,7 @@ def main(argv):
     print(f"features {tuple(feats.shape)} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
     memo = {}
-    real_reduce = chc.reduction.reduce_umap
+    real_reduce = reduction.reduce_umap
 
     def reduce_once(emb, cfg):
         key = (cfg.umap_neighbors, cfg.umap_components, cfg.umap_min_dist, cfg.seed, cfg.knn)
@@ -86,7 +87,7 @@ def main(argv):
             print(f"UMAP {key}: {time.perf_counter() - t0:.1f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
         return memo[key]
 
-    chc.reduction.reduce_umap = reduce_once
+    reduction.reduce_umap = reduce_once
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, labels = [], {}
     for mcs in [int(x) for x in args.min_cluster_sizes.split(",")]:

@@ -1,17 +1,26 @@
-"""gram-plugin: meta-learned prompt initialisation and regulated gradients for CLIP prompt tuning."""
+"""gram-plugin: meta-learned prompt initialisation and regulated gradients for CLIP prompt tuning.
 
-from .hooks import GradientHook, StepArguments, install_gradient_transform
-from .config import ConfigError
-from .errors import GramPluginError
-from .meta import MetaConfig, MetaPromptTrainer, MetaTrainingError, module_loss
-from .metastep import MetaStep
-from .prompts import PromptInit, PromptInitError, mark_prompts, prompt_parameters, unmark_prompts
-from .regulator import GradientRegulator
-from .safeio import ArtefactError, CacheError, CheckpointError, RunFolderError
-from .tasks import FixedTasks, Task, TaskSource
-from .transforms import chain, clip_meta, general_knowledge_gradients, identity, prograd, regulate
+The names below are imported from their modules on first use (:mod:`gram_plugin.lazy`), so that
+``import gram_plugin.errors`` -- or the command line checking its options -- does not import torch.
+"""
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+# module -> the names it gives the package
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "hooks": ["GradientHook", "StepArguments", "install_gradient_transform"],
+    "config": ["ConfigError", "MetaConfig"],
+    "errors": ["GramPluginError", "ArtefactError", "PromptInitError"],
+    "meta": ["MetaPromptTrainer", "MetaTrainingError", "module_loss"],
+    "metastep": ["MetaStep"],
+    "prompts": ["PromptInit", "mark_prompts", "prompt_parameters", "unmark_prompts"],
+    "regulator": ["GradientRegulator"],
+    "safeio": ["CacheError", "CheckpointError", "RunFolderError"],
+    "tasks": ["FixedTasks", "Task", "TaskSource"],
+    "transforms": ["chain", "clip_meta", "general_knowledge_gradients", "identity", "prograd", "regulate"],
+})
 
 __all__ = [
     # prompts and their artefact

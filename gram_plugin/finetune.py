@@ -8,15 +8,13 @@ prompt ``"a photo of a {}."``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .errors import GramPluginError
-from .config import integer_at_least, one_of, positive_number, raise_problems, seed_problems
+from .config import TuneConfig  # defined torch-free (the CLI checks it before importing torch); exported here
 from .hooks import StepArguments, install_gradient_transform
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
@@ -28,29 +26,6 @@ ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 class TuningError(GramPluginError, RuntimeError):
     """Tuning or evaluation produced a non-finite loss, prompt or prediction (nothing is a result)."""
-
-
-@dataclass
-class TuneConfig:
-    """Settings of :func:`tune` (defaults: CoOp's optimiser, SGD with momentum 0.9 at lr 2e-3, batch 32)."""
-
-    epochs: int = 10
-    lr: float = 2e-3
-    batch_size: int = 32
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, as CoOp) or "adam"
-    prograd_lambda: float | None = None  # ProGrad projection strength (None = off)
-    use_regulator: bool = True  # regulate every step with the init's regulator, when it has one
-    seed: int = 0
-
-    def __post_init__(self):
-        problems = integer_at_least("epochs", self.epochs, 1) + positive_number("lr", self.lr)
-        problems += integer_at_least("batch_size", self.batch_size, 1)
-        problems += one_of("optimizer", self.optimizer, ("sgd", "adam"))
-        problems += seed_problems("seed", self.seed)
-        lam = self.prograd_lambda
-        if lam is not None and not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0 <= lam <= 1):
-            problems.append(f"prograd_lambda must lie in [0, 1] or be None, got {lam!r}")
-        raise_problems("TuneConfig", problems)
 
 
 @torch.no_grad()

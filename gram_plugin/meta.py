@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import GramPluginError
-from .config import integer_at_least, one_of, positive_number, raise_problems, seed_problems
+from .config import MetaConfig  # defined torch-free (the CLI checks it before importing torch); exported here
 from .metabatch import BatchedMetaStep, supports_batching
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
 from .prompts import PromptInit, prompt_parameters
@@ -71,50 +71,6 @@ class MetaTrainingError(GramPluginError, RuntimeError):
 class MetaTrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped meta-training after the outer step in progress; where the run has a
     ``run_dir`` a checkpoint of that step was saved first, so ``fit(resume=True)`` continues exactly."""
-
-
-@dataclass
-class MetaConfig:
-    """Hyper-parameters of :class:`MetaPromptTrainer` (defaults follow the MAML+clipping paper where it gives one)."""
-
-    inner_lr: float = 0.025 / 6  # alpha: inner-loop step size
-    inner_steps: int = 4  # k: inner steps per task
-    outer_lr: float = 1e-3  # lambda1: Adam lr of the prompt init theta
-    regulator_lr: float = 1e-3  # lambda2: Adam lr of the regulator phi
-    meta_batch_size: int = 4  # tasks per outer step
-    steps: int = 200  # outer steps
-    first_order: bool = False  # FOMAML: no second-order terms (the regulator still learns)
-    clip_gamma: float | None = 5.0  # meta-gradient clipping threshold (the MAML+clipping paper's); None = off
-    seed: int = 0
-    on_nonfinite: str = "raise"  # "raise": stop with the step number; "skip": drop the step and count it
-    checkpoint_every: int = 10  # outer steps between checkpoints when run_dir is set (0 = only at the end)
-    log_every: int = 1
-    track_alignment: bool = False  # log cos(support grad, query grad) at theta, raw and regulated (GRAM Fig. 3b)
-    # Memory (second order only; first order keeps no inner graph anyway): True = keep no inner-step
-    # graph, the meta-backward recomputes each step (gram_plugin.scale); "auto" = where tasks are batched,
-    # keep the inner-step graphs that fit in half the model's weight memory and recompute the rest
-    # (gram_plugin.metabatch; same gradients); False = keep every graph.
-    checkpoint_inner: bool | str = "auto"
-    # Speed: the tasks of a meta-batch through one batched forward per inner step
-    # (gram_plugin.metabatch) when the loss function has a ``batched`` form (PromptedCLIP, CoOp mode);
-    # same result, but the whole meta-batch's graphs are held at once instead of one task's
-    # (bounded by checkpoint_inner="auto").
-    batch_tasks: bool = True
-    progress: bool = True
-
-    def __post_init__(self):
-        problems = []
-        for name in ("inner_lr", "outer_lr", "regulator_lr"):
-            problems += positive_number(name, getattr(self, name))
-        for name in ("inner_steps", "meta_batch_size", "steps", "log_every"):
-            problems += integer_at_least(name, getattr(self, name), 1)
-        problems += integer_at_least("checkpoint_every", self.checkpoint_every, 0)
-        problems += seed_problems("seed", self.seed)
-        if self.clip_gamma is not None:
-            problems += positive_number("clip_gamma", self.clip_gamma)
-        problems += one_of("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
-        problems += one_of("checkpoint_inner", self.checkpoint_inner, (False, True, "auto"))
-        raise_problems("MetaConfig", problems)
 
 
 def _dist_info() -> tuple[int, int]:

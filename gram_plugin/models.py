@@ -12,60 +12,16 @@ Only the prompt tensors are parameters that train; the backbone is frozen.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, integer_at_least, one_of, raise_problems
+# defined torch-free (the CLI checks them before importing torch); exported here
+from .config import MODES, VISUAL_PROMPTS, PromptConfig  # noqa: F401 (MODES: re-exported)
 from .marking import mark_prompts
-from .pixel_prompt import LAYOUTS, PixelPrompt
-
-MODES = ("coop", "vpt", "unigram")
-VISUAL_PROMPTS = ("tokens", "pixels")
-
-
-@dataclass
-class PromptConfig:
-    """What prompts a :class:`PromptedCLIP` learns (CoOp's defaults: 4 context vectors from "a photo of a")."""
-
-    mode: str = "coop"  # "coop" (text context), "vpt" (visual prompts) or "unigram" (both)
-    n_ctx: int = 4  # text context vectors
-    ctx_init: str | None = "a photo of a"  # phrase of n_ctx words, or None for random N(0, 0.02)
-    n_vpt: int = 4  # visual prompt tokens per layer
-    vpt_deep: bool = False  # one set of visual prompts per image-tower layer
-    # "tokens" (VPT) or "pixels" (gram_plugin.pixel_prompt); None: tokens if the tower has them, else pixels
-    visual_prompt: str | None = None
-    pixel_layout: str = "padding"  # pixel prompt on a border ("padding") or on every pixel ("patch")
-    pixel_pad: int | None = None  # border width; None: the paper's 30 px at 224 px, scaled to the input size
-
-    def __post_init__(self):
-        problems = one_of("mode", self.mode, MODES)
-        if self.visual_prompt is not None:
-            problems += one_of("visual_prompt", self.visual_prompt, VISUAL_PROMPTS)
-        problems += one_of("pixel_layout", self.pixel_layout, LAYOUTS)
-        if self.mode != "vpt":  # the other mode's count is unused (models record it as 0)
-            problems += integer_at_least("n_ctx", self.n_ctx, 1)
-        if self.mode != "coop" and self.visual_prompt != "pixels":  # a pixel prompt has no tokens (recorded as 0)
-            problems += integer_at_least("n_vpt", self.n_vpt, 1)
-        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
-            problems.append(f"ctx_init must be a phrase or None, got {self.ctx_init!r}")
-        elif self.ctx_init and self.mode != "vpt" and isinstance(self.n_ctx, int):
-            words = len(self.ctx_init.replace("_", " ").split())
-            if words != self.n_ctx:
-                problems.append(f"ctx_init {self.ctx_init!r} has {words} words but n_ctx={self.n_ctx} "
-                                "(give a phrase of n_ctx words, or 'random')")
-        raise_problems("PromptConfig", problems)
-
-    def check_backbone(self, backbone) -> None:
-        """Errors that need the backbone: a text prompt longer than its text tower takes (``ConfigError``)."""
-        limit = getattr(backbone, "context_length", None)
-        if self.mode != "vpt" and limit is not None and self.n_ctx + 4 > limit:
-            raise ConfigError("PromptConfig", [
-                f"n_ctx={self.n_ctx} is too long for {backbone.name}: a prompt needs n_ctx + 4 tokens "
-                f"(start, class name, '.', end) and its text tower takes {limit}, so n_ctx <= {limit - 4}"])
+from .pixel_prompt import PixelPrompt
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

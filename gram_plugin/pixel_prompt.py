@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LAYOUTS = ("padding", "patch")
+from .config import LAYOUTS
+
 PAPER_PAD, PAPER_SIZE = 30, 224
 
 

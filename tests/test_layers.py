@@ -7,6 +7,9 @@ a function) of gram_plugin/ and adapters/ (installed as gram_plugin.adapters); n
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +20,13 @@ ROOTS = {"gram_plugin": REPO / "gram_plugin", "gram_plugin.adapters": REPO / "ad
 # docs/ARCHITECTURE.md's layers, bottom first; a module may import its own layer and the ones below
 LAYERS = {
     "base": ["errors", "marking", "tasks", "transforms", "scale", "pixel_prompt", "extras", "paths", "config", "stats",
-             "safeio"],
+             "safeio", "lazy"],
     "core": ["prompts", "regulator", "hooks", "metastep", "metabatch", "meta"],
     "applications": ["data", "cache", "models", "finetune", "backbones", "chc"],
     "ring": ["adapters", "cli"],
 }
 # within the ring: the adapters are a library, the CLI is the application on top of it
-NEVER = {"adapters": ["cli"], "errors": ["*"], "marking": ["*"]}
+NEVER = {"adapters": ["cli"], "errors": ["*"], "marking": ["*"], "lazy": ["*"]}
 
 
 def _modules() -> dict[str, Path]:
@@ -128,3 +131,23 @@ def test_no_import_circle(graph):
         if v not in index:
             visit(v)
     assert circles == []
+
+
+def test_packages_import_their_names_on_first_use():
+    """``gram_plugin`` and ``gram_plugin.chc`` import no torch until a name is asked for (gram_plugin.lazy); then
+    every name of their ``__all__`` resolves and ``dir()`` lists it (a fresh interpreter: pytest's has torch)."""
+    report = """
+import json, sys
+import gram_plugin, gram_plugin.chc, gram_plugin.config, gram_plugin.errors
+torch_at_import = "torch" in sys.modules
+from gram_plugin import MetaConfig
+from gram_plugin.chc import CHCConfig
+missing = [f"{p.__name__}.{n}" for p in (gram_plugin, gram_plugin.chc) for n in p.__all__ if getattr(p, n, None) is None]
+print(json.dumps({"torch at import": torch_at_import, "missing": missing, "MetaConfig": MetaConfig.__module__,
+                  "unlisted": [n for p in (gram_plugin, gram_plugin.chc) for n in p.__all__ if n not in dir(p)],
+                  "no such name": not hasattr(gram_plugin, "no_such_name")}))
+"""
+    done = subprocess.run([sys.executable, "-c", report], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "torch at import": False, "missing": [], "MetaConfig": "gram_plugin.config", "unlisted": [], "no such name": True}

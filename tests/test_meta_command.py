@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_meta_steps_0_fails_in_under_2_s_before_the_fork_or_any_model_is_loaded(
     assert "--meta-steps must be an integer >= 1, got 0" in err
     assert seconds < 2, seconds
     assert not loaded and not (fake_fork / "ran").exists() and not (tmp_path / "run").exists()
+
+
+def test_meta_steps_0_fails_as_a_process_before_torch_is_imported(fake_fork, tmp_path):
+    """The same refusal from a fresh interpreter: every check runs before torch (and so any model) is
+    imported, which is what makes the command fail at once (its wall time: a benchmark's business)."""
+    argv = command(fake_fork, tmp_path, tmp_path / "run", "--meta-steps", "0")
+    report = ("import json, sys\nfrom gram_plugin.cli import main\nstatus = main(sys.argv[1:])\n"
+              "print(json.dumps({'torch imported': 'torch' in sys.modules}))\nsys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", report, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "--meta-steps must be an integer >= 1, got 0" in done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"torch imported": False}
+    assert not (fake_fork / "ran").exists() and not (tmp_path / "run").exists()
 
 
 def test_missing_dassl_names_the_extra(fake_fork, tmp_path, monkeypatch, capsys):

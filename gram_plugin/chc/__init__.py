@@ -50,19 +50,25 @@ Layout (one stage per module; ``from gram_plugin.chc import ...`` gives every pu
 
 from __future__ import annotations
 
-from .clustering import cluster_hdbscan
-from .config import DEFAULT_MODEL, CHCConfig, CHCError
-from .corpus import Corpus, CorpusError, read_corpus
-from .domains import kmeans_domains
-from .embedding import ENCODE_CHUNK, _resolve_model, captions_hash, embed_captions
-from .hierarchy import FORMAT, build_hierarchy, load_hierarchy, save_hierarchy, summary
-from .images import ImageTower, corpus_features, corpus_task_source
-from .naming import ctfidf, rank_words, unique_names
-from .pipeline import CorpusCHC, corpus_chc, write_hierarchy
-from .reading import load_image_features, read_captions
-from .reduction import exact_cosine_knn, reduce_umap
-from .tasks import CHCTaskSource
-from .view import describe_hierarchy, draw_hierarchy
+from ..lazy import lazy_exports
+
+# module -> the names it gives the package (imported on first use: numpy / torch / sentence-transformers
+# only when a stage is asked for, so the command line reads CHCConfig without them)
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "clustering": ["cluster_hdbscan"],
+    "config": ["DEFAULT_MODEL", "CHCConfig", "CHCError"],
+    "corpus": ["Corpus", "CorpusError", "read_corpus"],
+    "domains": ["kmeans_domains"],
+    "embedding": ["ENCODE_CHUNK", "_resolve_model", "captions_hash", "embed_captions"],
+    "hierarchy": ["FORMAT", "build_hierarchy", "load_hierarchy", "save_hierarchy", "summary"],
+    "images": ["ImageTower", "corpus_features", "corpus_task_source"],
+    "naming": ["ctfidf", "rank_words", "unique_names"],
+    "pipeline": ["CorpusCHC", "corpus_chc", "write_hierarchy"],
+    "reading": ["load_image_features", "read_captions"],
+    "reduction": ["exact_cosine_knn", "reduce_umap"],
+    "tasks": ["CHCTaskSource"],
+    "view": ["describe_hierarchy", "draw_hierarchy"],
+})
 
 __all__ = [
     "CHCConfig", "CHCError", "CHCTaskSource", "DEFAULT_MODEL", "ENCODE_CHUNK", "FORMAT",

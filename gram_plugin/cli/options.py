@@ -14,11 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import integer_at_least, one_of, raise_problems
+from ..config import MetaConfig, PromptConfig, TuneConfig, integer_at_least, one_of, raise_problems
 from ..errors import GramPluginError
-from ..finetune import TuneConfig
-from ..meta import MetaConfig
-from ..models import PromptConfig
 
 
 class CLIError(GramPluginError, RuntimeError):

@@ -7,7 +7,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..backbones import build_backbone
 from .options import CLIError
 from .plan import Plan, plan
 from .run_folder import Run
@@ -137,9 +136,11 @@ def check_init_fits(plan: Plan, backbone, seed: int) -> None:
 def start(args, data: bool = True):
     """Check everything, build the backbone, list the data (unless ``data`` is False: returns (plan, backbone));
     the run folder is not touched yet."""
+    p = plan(args)  # before torch is imported: a bad option fails at once
     import torch
 
-    p = plan(args)
+    from ..backbones import build_backbone
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -6,11 +6,8 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from ..config import ConfigError, integer_at_least, seed_problems
+from ..config import ConfigError, MetaConfig, PromptConfig, TuneConfig, integer_at_least, seed_problems
 from ..errors import GramPluginError
-from ..finetune import TuneConfig
-from ..meta import MetaConfig
-from ..models import PromptConfig
 from .options import (
     _PROMPT_FIELDS, CHC_ONLY, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig,
     TaskConfig, as_flags, default, flag,

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from ..paths import inside_run_dir
-from ..safeio import atomic_write_text, locked_dir
 from .options import CLIError
 
 RUN_MARKER = ".gram-plugin-run"  # written by every run: what --overwrite may replace
@@ -42,6 +41,8 @@ class Run:
 
     def __init__(self, out: str, config: dict, resume: bool = False, overwrite: bool = False,
                  resumable: bool = False):
+        from ..safeio import locked_dir  # safeio imports torch: not at module level (plan() runs before torch)
+
         self.final = self.dir = Path(out)
         self.config = config
         self.resumable = resumable
@@ -58,6 +59,8 @@ class Run:
 
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         import yaml
+
+        from ..safeio import atomic_write_text
 
         if overwrite and run_contents(self.final):  # checked again under the lock
             if not holds_run(self.final):
@@ -110,6 +113,8 @@ class Run:
 
     def write_metrics(self, metrics: dict) -> Path:
         """Write ``metrics.json`` atomically; a NaN in it is refused (``ValueError``: a bug)."""
+        from ..safeio import atomic_write_text
+
         # allow_nan=False: a NaN reaching a result is a bug, never a number in metrics.json
         return atomic_write_text(self.path("metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..finetune import TuneConfig
+from ..config import TuneConfig
 from .options import add_shots, add_standalone_command, add_tuning, default
 from .pipeline import command, table, tune_and_eval
 
