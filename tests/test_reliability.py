@@ -1171,7 +1171,15 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def interactive_sigint():
+    """Ctrl-C as in a terminal: a background job (CI's runner, ``cmd &``) starts with SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):
     from gram_plugin.meta import MetaPromptTrainer
 
     argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0"]
@@ -1197,7 +1205,7 @@ def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted
     assert torch.equal(a.tensors["ctx"], b.tensors["ctx"])
 
 
-def test_ctrl_c_in_tune_is_one_line_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_tune_is_one_line_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):
     import gram_plugin.finetune as finetune
 
     real = finetune.evaluate_base_new
