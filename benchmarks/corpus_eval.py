@@ -228,20 +228,27 @@ def rows_for(target: str, shots: int, args) -> list[str]:
 
 def header(results, args, seconds) -> list[str]:
     n = len(results["seeds_done"])
+    # a merge reports the settings its parts ran with (saved in results.json), not the merge call's defaults
+    settings = results.get("settings") or settings_line(args)
     return ["# GRAM from an image-caption corpus (ProxyCLIP v2, real images)", "", "Produced by", "",
             f"    {args.command_line}", "",
             f"Seeds {results['seeds_done']} ({n} of {args.seeds} finished); accuracy % (mean ± std over seeds); "
             f"{seconds / 60:.1f} min. Backbone `{results['backbone']}`. Corpus: {results['corpus']['summary']} "
-            f"Tuning: {args.optimizer} lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}. Meta-training: "
+            + settings, "",
+            "Paired columns: per-seed difference to CoOp with the same seed (same few-shot images), in points: "
+            "mean ± std over seeds, the paired t statistic, and on how many seeds the row is above CoOp.", ""]
+
+
+def settings_line(args) -> str:
+    """The tuning / meta-training / task settings of a run, as the report states them."""
+    return (f"Tuning: {args.optimizer} lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}. Meta-training: "
             f"{args.meta_steps} outer steps x {args.meta_batch} tasks, {args.inner_steps} inner steps at lr "
             f"{args.inner_lr}, outer Adam lr {args.outer_lr}, regulator Adam lr {args.regulator_lr} "
             f"({args.regulator_scale} scale), clipping gamma 5, "
             + ("first-order" if args.first_order else "second-order") + " meta-gradients; corpus tasks "
             f"{args.corpus_way}-way, {args.corpus_shots} support images from one visual domain + "
             f"{args.corpus_queries} query images per topic; base tasks {args.n_way}-way {args.k_support}+"
-            f"{args.k_query} shots of Caltech101 base classes. Ablation rows on {args.ablation_target} only.", "",
-            "Paired columns: per-seed difference to CoOp with the same seed (same few-shot images), in points: "
-            "mean ± std over seeds, the paired t statistic, and on how many seeds the row is above CoOp.", ""]
+            f"{args.k_query} shots of Caltech101 base classes. Ablation rows on {args.ablation_target} only.")
 
 
 def join_rows(main: dict, extra: dict) -> dict:
@@ -343,6 +350,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         parts = [json.loads((d / "results.json").read_text()) for d in args.merge]
+        settings = {r.get("settings") for r in parts}
+        if len(settings) > 1:
+            raise SystemExit(f"--merge: the runs have different settings: {sorted(map(str, settings))}")
         results = P.merge_results(parts)
         if args.join:
             extra = [json.loads((d / "results.json").read_text()) for d in args.join]
@@ -374,7 +384,7 @@ def main(argv=None) -> int:
     if "gram-corpus-random" in keys:
         sources["gram-corpus-random"] = chc_source(random_groups(h, captions, feats, args.n_domains))
     cross_shots = max(args.shots)
-    results = {"backbone": backbone.weights_id(), "seeds_done": [], "base2new": {}, "alignment_history": [],
+    results = {"backbone": backbone.weights_id(), "settings": settings_line(args), "seeds_done": [], "base2new": {}, "alignment_history": [],
                "meta_seconds": {}, "seed_seconds": {}, "meta_loss": {},
                "corpus": {"summary": corpus_md.splitlines()[0], "n_topics": h["n_topics"],
                           "usable_topics": len(sources["gram-corpus"].topics)},
