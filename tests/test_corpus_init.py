@@ -9,27 +9,18 @@ MetaConfig's memory / speed switches (HOW_NOT_WHAT).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import DATA_CACHE, REPO, SHARED_DATA, extract_shared
 from gram_plugin.cli.demo import CORPUS_INIT, CORPUS_INIT_MANIFEST
+from gram_plugin.safeio import file_sha256
 
 MANIFEST = json.loads(CORPUS_INIT_MANIFEST.read_text(encoding="utf-8"))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # MetaConfig switches that choose how the meta-gradient is computed or reported, not its value
@@ -47,7 +38,7 @@ def without_paths(metadata: dict) -> dict:
 
 
 def test_the_shipped_file_is_the_manifests_and_documented():
-    assert sha256(CORPUS_INIT) == MANIFEST["sha256"] and CORPUS_INIT.stat().st_size == MANIFEST["bytes"]
+    assert file_sha256(CORPUS_INIT) == MANIFEST["sha256"] and CORPUS_INIT.stat().st_size == MANIFEST["bytes"]
     assert CORPUS_INIT.stat().st_size < 2_000_000  # small enough to ship (the regulator: two 384 x 384 heads)
     command = MANIFEST["command"]
     assert command.startswith("gram-plugin meta-train --tasks chc:CORPUS --out RUN ")
@@ -77,7 +68,7 @@ def test_the_documented_command_reproduces_the_shipped_file_bit_for_bit(tmp_path
     archive = SHARED_DATA / MANIFEST["corpus"]["archive"]
     if not archive.exists():
         pytest.skip(f"real data {archive} not available")
-    assert sha256(archive) == MANIFEST["corpus"]["sha256"], f"{archive} is not the corpus the manifest names"
+    assert file_sha256(archive) == MANIFEST["corpus"]["sha256"], f"{archive} is not the corpus the manifest names"
     corpus = extract_shared(MANIFEST["corpus"]["archive"]) / MANIFEST["corpus"]["folder"]
     from gram_plugin import PromptInit
 

@@ -1044,7 +1044,15 @@ def test_a_resumed_run_keeps_the_whole_history(tmp_path):
     assert [r["step"] for r in done.history] == [1, 2, 3, 4]
 
 
-def test_ctrl_c_in_meta_training_saves_a_resumable_checkpoint(tmp_path):
+@pytest.fixture
+def interactive_sigint():
+    """Ctrl-C as in a terminal: a background job (CI's runner, ``cmd &``) starts with SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_in_meta_training_saves_a_resumable_checkpoint(tmp_path, interactive_sigint):
     from test_meta_training import ShiftedRegression, mse
 
     from gram_plugin.meta import MetaTrainingInterrupted
@@ -1059,10 +1067,9 @@ def test_ctrl_c_in_meta_training_saves_a_resumable_checkpoint(tmp_path):
         if record["step"] == 2:
             signal.raise_signal(signal.SIGINT)
 
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, default_int_handler in a shell
     with pytest.raises(MetaTrainingInterrupted, match=r"interrupted after outer step 2: checkpoint \S+ saved"):
         tr.fit(ShiftedRegression(), callback=ctrl_c_at_step_2)
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     assert load_tensors(tmp_path / "cut" / CHECKPOINT_NAME)[1]["step"] == 2
     _, got = _checkpointed_run(tmp_path / "cut", 4)
     assert torch.equal(got.tensors["w"], ref.tensors["w"])
@@ -1169,14 +1176,6 @@ def _one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     return lines[0]
-
-
-@pytest.fixture
-def interactive_sigint():
-    """Ctrl-C as in a terminal: a background job (CI's runner, ``cmd &``) starts with SIGINT ignored."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
 
 
 def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):

@@ -1,8 +1,7 @@
 """The corpus images seen by a backbone: frozen image-tower features (cached), and task sources over them.
 
 Features come from :class:`gram_plugin.cache.FeatureCache` (the same cache and key as the labelled
-datasets': backbone, weights, transform, file list with sizes and mtimes), so a corpus is encoded
-once per backbone. CHC's visual domains are k-means clusters of these features inside each topic.
+datasets': backbone, weights, transform, the images' bytes), so a corpus is encoded once per backbone. CHC's visual domains are k-means clusters of these features inside each topic.
 
 Tasks (:func:`corpus_task_source`) draw the corpus images either as those cached features (the fast
 path, right when only text prompts are learned: the frozen tower's output never changes) or as
@@ -72,7 +71,7 @@ def corpus_task_source(hierarchy: dict, corpus: Corpus, *, features: torch.Tenso
         return CHCTaskSource(hierarchy, features=features, load_image=load_image, n_way=n_way, shots=shots,
                              queries=queries, support=support, info=info)
     except CHCError as e:
-        mcs = (hierarchy.get("config") or {}).get("min_cluster_size")
+        mcs = cfg.get("min_cluster_size")
         hint = (f"; or build more, smaller topics: lower min_cluster_size (--min-cluster-size, this hierarchy "
                 f"used {mcs}) or add images to the corpus") if mcs is not None else ""
         raise CHCError(f"{e}{hint}") from None
