@@ -12,7 +12,9 @@ them together, so a command line with three bad numbers gets one message naming 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GramPluginError
@@ -47,6 +49,24 @@ def seed_problems(name: str, v: Any) -> list[str]:
 def one_of(name: str, v: Any, choices: tuple) -> list[str]:
     """``[]``, or the problem when ``v`` is not one of ``choices``."""
     return [] if v in choices else [f"{name} must be one of {list(choices)}, got {v!r}"]
+
+
+def backbone_problems(spec: Any) -> list[str]:
+    """What is wrong with a ``--backbone`` spec (``backbones.build_backbone``'s names) that shows without loading
+    it: no spec, ``proxy`` with an argument, ``tiny:SEED`` without a whole number, a weights file that is not there."""
+    if not isinstance(spec, str) or not spec:
+        return [f"--backbone must be proxy[:DIR], tiny[:SEED] or MODEL:PRETRAINED, got {spec!r}"]
+    kind, _, rest = spec.partition(":")
+    if kind == "proxy" and rest:
+        return [f"--backbone proxy takes no argument (got {spec!r}); a built folder of the earlier proxy is proxy-v1:DIR"]
+    if kind == "tiny" and rest:
+        try:
+            int(rest)
+        except ValueError:
+            return [f"--backbone tiny:SEED needs a whole-number seed, got {rest!r}"]
+    if kind not in ("proxy-v1", "tiny") and os.path.sep in rest and not Path(rest).exists():  # a path, not a tag
+        return [f"--backbone {spec}: weights file {rest} does not exist"]
+    return []
 
 
 def raise_problems(what: str, problems: list[str]) -> None:

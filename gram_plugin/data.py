@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import GramPluginError
+from .paths import IMAGE_EXTS, data_spec_problem
 from .tasks import Task
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # CoOp's Caltech101 drops these two folders
 CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
 
@@ -270,13 +270,12 @@ def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable 
 
 def load_dataset(spec: str, transform: Callable | None = None) -> ImageDataset:
     """``caltech101:ROOT``, ``imagenet:ROOT``, ``folder:ROOT``, ``default`` (the embedded set) or a folder path."""
-    kind, colon, root = spec.partition(":")
     if spec == "default":
         return default_dataset(transform)
-    if colon and kind in ("caltech101", "imagenet", "folder") and not root.strip():
-        # "folder:$DATA" with DATA unset would otherwise read the current folder
-        raise DataError(f"data spec {spec!r} names no folder after the ':' (is it built from an unset variable "
-                        "such as $DATA?)")
+    problem = data_spec_problem(spec)  # the CLI's plan asks the same before torch is imported
+    if problem:
+        raise DataError(problem)
+    kind, _, root = spec.partition(":")
     if kind == "caltech101":
         return caltech101(root, transform)
     if kind == "imagenet":

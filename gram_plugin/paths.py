@@ -1,4 +1,6 @@
-"""Where a run may write: every output path named in a config stays inside the run folder."""
+"""Paths, checked without importing torch: what a path the user gives must be (:func:`file_problem`,
+:func:`data_spec_problem`), and where a run may write (every output path named in a config stays inside
+the run folder: :func:`inside_run_dir`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,40 @@ import os
 from pathlib import Path
 
 from .errors import GramPluginError
+
+
+# the file names an image folder's images end with (any case)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# --data kinds whose spec is KIND:ROOT (anything else names an image folder)
+DATA_KINDS = ("caltech101", "imagenet", "folder")
+
+
+def file_problem(path: str | os.PathLike, what: str) -> str | None:
+    """What keeps ``path`` from being read as ``what`` (a folder, nothing there); ``None`` when it is a file."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{what} {path} is a folder, not a file"
+    if not path.is_file():
+        return f"{what} {path} does not exist"
+    return None
+
+
+def data_spec_problem(spec: str) -> str | None:
+    """What is wrong with a ``--data`` spec (``default``, ``KIND:ROOT`` or a folder) that shows before its
+    images are listed: a ``KIND:`` without a folder, or a folder that does not exist; ``None`` otherwise.
+    Deeper layout problems are the loaders' (``gram_plugin.data``)."""
+    if spec == "default":
+        return None
+    kind, colon, root = spec.partition(":")
+    if colon and kind in DATA_KINDS and not root.strip():
+        # "folder:$DATA" with DATA unset would otherwise read the current folder
+        return f"data spec {spec!r} names no folder after the ':' (is it built from an unset variable such as $DATA?)"
+    if kind not in DATA_KINDS:
+        kind, root = "folder", spec
+    if Path(root).is_dir():
+        return None
+    return {"caltech101": f"no 101_ObjectCategories folder under {Path(root)}",
+            "imagenet": f"no classnames.txt under {Path(root)}"}.get(kind, f"image folder {Path(root)} does not exist")
 
 
 class UnsafePathError(GramPluginError, ValueError):

@@ -8,7 +8,8 @@ fsynced and renamed over the target: an interrupted write never replaces a good 
 
 Errors name what failed: :class:`ArtefactError` is the base; :class:`CheckpointError` and
 :class:`CacheError` are raised for those files, and ``prompts.PromptInitError`` for init / prompt files.
-This module imports nothing from the rest of the package (it is the bottom layer).
+This module imports nothing from the rest of the package but the torch-free ``errors`` and ``paths`` (it is the
+bottom layer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .errors import ArtefactError
+from .paths import file_problem
 
 META_KEY = "gram_plugin"
 CHECKSUM_KEY = "gram_plugin.sha256"
@@ -161,10 +163,9 @@ def load_tensors(
     records another kind is refused, naming what it is instead.
     """
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist")
+    problem = file_problem(path, what)
+    if problem:
+        raise error(problem)
     from safetensors import safe_open
 
     try:

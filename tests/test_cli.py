@@ -152,3 +152,43 @@ def test_a_bug_keeps_its_traceback_an_error_of_gram_plugin_is_one_line(tmp_path,
 def test_build_proxy_names_its_new_home(capsys):
     assert main(["build-proxy", "--out", "x"]) == 2
     assert "python tools/build_proxy.py --out DIR" in capsys.readouterr().err
+
+
+# what each refusal says (today's messages, kept); {tmp} is the test's folder
+REFUSED_BEFORE_TORCH = {
+    "eval --prompt": (["eval", "--prompt", "{tmp}/missing.safetensors"], "init file {tmp}/missing.safetensors does not exist"),
+    "tune --init folder": (["tune", "--init", "{tmp}"], "init file {tmp} is a folder, not a file"),
+    "demo --corpus-init": (["demo", "--corpus-init", "{tmp}/missing.safetensors"],
+                           "--corpus-init file {tmp}/missing.safetensors does not exist"),
+    "meta-train --tasks chc:": (["meta-train", "--tasks", "chc:{tmp}/nowhere"], "corpus {tmp}/nowhere does not exist"),
+    "tune --data folder:": (["tune", "--data", "folder:{tmp}/nowhere"], "image folder {tmp}/nowhere does not exist"),
+    "eval --data caltech101:": (["eval", "--data", "caltech101:{tmp}/nowhere"], "no 101_ObjectCategories folder under {tmp}/nowhere"),
+    "demo --data imagenet:": (["demo", "--data", "imagenet:{tmp}/nowhere"], "no classnames.txt under {tmp}/nowhere"),
+    "tune --backbone proxy:": (["tune", "--backbone", "proxy:{tmp}"], "--backbone proxy takes no argument"),
+    "tune --backbone weights": (["tune", "--backbone", "ViT-B-32:{tmp}/w.pt"], "weights file {tmp}/w.pt does not exist"),
+    "chc --captions": (["chc", "--captions", "{tmp}/missing.txt"], "captions file {tmp}/missing.txt does not exist"),
+    "chc --image-features": (["chc", "--captions", "{tmp}/captions.txt", "--image-features", "{tmp}/f.npy"],
+                             "image features file {tmp}/f.npy does not exist"),
+    "chc --corpus": (["chc", "--corpus", "{tmp}/nowhere"], "corpus {tmp}/nowhere does not exist"),
+    "chc --backbone": (["chc", "--corpus", "{tmp}", "--backbone", "tiny:abc"], "--backbone tiny:SEED needs a whole-number seed"),
+    "inspect": (["inspect", "{tmp}/missing.safetensors"], "init file {tmp}/missing.safetensors does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_BEFORE_TORCH))
+def test_a_missing_file_or_folder_or_a_bad_flag_value_is_refused_before_torch_is_imported(tmp_path, case):
+    """The refusal comes from the plan / parse step, in a fresh interpreter (pytest's has torch): one message
+    naming the file or flag, exit status 2, torch never imported, nothing written at --out."""
+    import subprocess
+    import sys
+
+    (tmp_path / "captions.txt").write_text("a.jpg#0\ta dog on grass\nb.jpg#0\ta cat on a sofa\n")
+    argv, says = REFUSED_BEFORE_TORCH[case]
+    argv = [a.format(tmp=tmp_path) for a in argv] + ([] if argv[0] == "inspect" else ["--out", str(tmp_path / "out")])
+    report = ("import json, sys\nfrom gram_plugin.cli import main\nstatus = main(sys.argv[1:])\n"
+              "print(json.dumps({'torch imported': 'torch' in sys.modules}))\nsys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", report, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and says.format(tmp=tmp_path) in done.stderr, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"torch imported": False}
+    assert not (tmp_path / "out").exists() and not (tmp_path / "chc-cache").exists()

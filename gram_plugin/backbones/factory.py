@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import backbone_problems
 from .base import BackboneLoadError
 from .openclip import OpenCLIPBackbone, tiny_openclip
 
@@ -16,11 +17,11 @@ def build_backbone(spec: str):
     * ``tiny`` / ``tiny:SEED``: a random tiny open_clip CLIP (tests, smoke runs).
     * ``MODEL:PRETRAINED``: an open_clip model with a pretrained tag or a local weights file.
     """
+    problems = backbone_problems(spec)  # the CLI's plan asks the same before torch is imported
+    if problems:
+        raise BackboneLoadError(problems[0])
     kind, _, rest = spec.partition(":")
     if kind == "proxy":
-        if rest:
-            raise BackboneLoadError(f"--backbone proxy takes no argument (got {spec!r}); a built folder of the "
-                                    "earlier proxy is proxy-v1:DIR")
         from .proxy_v2 import ProxyCLIPv2
 
         return ProxyCLIPv2()
@@ -29,9 +30,5 @@ def build_backbone(spec: str):
 
         return load_proxy(rest or None)
     if kind == "tiny":
-        try:
-            seed = int(rest) if rest else 0
-        except ValueError:
-            raise BackboneLoadError(f"backbone tiny:SEED needs a whole-number seed, got {rest!r}") from None
-        return tiny_openclip(seed)
+        return tiny_openclip(int(rest) if rest else 0)
     return OpenCLIPBackbone(kind, pretrained=rest or None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..config import integer_at_least, one_of, raise_problems
 from ..errors import GramPluginError
@@ -96,3 +98,13 @@ class CHCConfig:
 def _progress(msg: str, on: bool):
     if on:
         print(f"[chc] {msg}", file=sys.stderr, flush=True)
+
+
+VIEW_SUFFIXES = (".txt", ".png")  # the report and the picture written beside the hierarchy JSON
+
+
+def hierarchy_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`~gram_plugin.chc.write_hierarchy` writes for ``path``: the JSON, then ``.txt`` and ``.png``
+    beside it (here, torch-free, so that ``gram-plugin chc`` checks its ``--out`` before anything is loaded)."""
+    path = Path(path)
+    return [path] + [path.with_suffix(s) for s in VIEW_SUFFIXES]

@@ -35,10 +35,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..data import IMAGE_EXTS, ImageDataset, Item
+from ..paths import IMAGE_EXTS
 from .config import CHCError
+
+if TYPE_CHECKING:
+    from ..data import ImageDataset
 
 FORMATS = ("flickr", "coco", "cc3m")
 CAPTION_FILE_NAMES = ("captions.txt", "captions.tsv", "captions.json", "captions.txt.gz", "captions.tsv.gz")
@@ -94,6 +97,8 @@ class Corpus:
     def dataset(self, transform: Callable | None = None, name: str | None = None) -> ImageDataset:
         """The corpus images as an :class:`~gram_plugin.data.ImageDataset` (one class, label 0), index = item
         index: what :class:`~gram_plugin.cache.FeatureCache` encodes and task sources load images from."""
+        from ..data import ImageDataset, Item  # torch: read_corpus itself runs before it is imported
+
         return ImageDataset([Item(p, 0) for p in self.image_paths], ["image"], transform,
                             name or f"corpus-{self.root.name}")
 

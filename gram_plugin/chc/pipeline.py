@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import CHCConfig, CHCError
+from .config import CHCConfig, CHCError, hierarchy_files
 from .corpus import Corpus
 from .hierarchy import build_hierarchy, save_hierarchy
 from .images import corpus_features, corpus_task_source
 from .view import describe_hierarchy, draw_hierarchy
 
-VIEW_SUFFIXES = (".txt", ".png")  # written beside the hierarchy JSON
 
 
 @dataclass
@@ -82,12 +81,6 @@ def corpus_chc(corpus: Corpus, backbone=None, config: CHCConfig | None = None,
     h["corpus"] = corpus.describe()
     h["image_features"] = described
     return CorpusCHC(corpus, features, h)
-
-
-def hierarchy_files(path: str | os.PathLike) -> list[Path]:
-    """The files :func:`write_hierarchy` writes for ``path``: the JSON, then ``.txt`` and ``.png`` beside it."""
-    path = Path(path)
-    return [path] + [path.with_suffix(s) for s in VIEW_SUFFIXES]
 
 
 def write_hierarchy(h: dict, corpus: Corpus, path: str | os.PathLike, overwrite: bool = False, examples: int = 3,

@@ -8,12 +8,14 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from .config import CHCError
+
+if TYPE_CHECKING:
+    import torch
 
 _ID_SUFFIX = re.compile(r"#\d+$")
 
@@ -80,6 +82,8 @@ def load_image_features(path: str | os.PathLike, image_ids: Sequence[str] | None
     path = Path(path)
     if not path.is_file():
         raise CHCError(f"image features file {path} does not exist")
+    import torch  # here, not at the top: the CLI reads the captions before torch is imported
+
     order = None
     if path.suffix == ".npy":
         feats = torch.from_numpy(np.load(path, allow_pickle=False))

@@ -16,9 +16,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from ..chc.config import CHCConfig
+from ..chc.config import CHCConfig, hierarchy_files
 from ..chc.scaling import SCALING_HELP
-from ..config import ConfigError
+from ..config import ConfigError, backbone_problems
 from .options import DEFAULT_BACKBONE, CLIError
 
 DESCRIPTION = """Cross-Modal Hierarchical Clustering (GRAM): captions -> Sentence-BERT -> UMAP -> HDBSCAN topics named
@@ -97,8 +97,6 @@ def chc_config(args, **given) -> CHCConfig:
 
 def _problems(args) -> list[str]:
     """Flag combinations that make no sense, and an --out that would replace a file (checked before any work)."""
-    from ..chc.pipeline import hierarchy_files
-
     problems = []
     if args.corpus is None and args.captions is None:
         problems.append("give --corpus DIR (images + captions) or --captions FILE (captions only)")
@@ -109,6 +107,8 @@ def _problems(args) -> list[str]:
         problems += [f"{flag} needs --corpus" for flag, v in (("--images", args.images), ("--skip-missing", args.skip_missing),
                                                               ("--skip-unreadable", args.skip_unreadable),
                                                               ("--backbone", args.backbone)) if v]
+    if args.corpus is not None and args.backbone:
+        problems += backbone_problems(args.backbone)
     if Path(args.out).is_dir():
         problems.append(f"--out {args.out} is a folder; name the hierarchy JSON file to write")
     else:
@@ -136,9 +136,9 @@ def cmd_chc(args) -> int:
     if args.corpus is not None:
         written, h = _from_corpus(args, cfg, cache_dir)
     else:
+        h = _from_captions(args, cfg, cache_dir)
         from ..chc import save_hierarchy
 
-        h = _from_captions(args, cfg, cache_dir)
         written = [save_hierarchy(h, args.out)]
     h["timings_s"]["total_s"] = time.perf_counter() - t0
     from ..chc import summary
@@ -159,7 +159,8 @@ def _as_chc_flags(problems: list[str]) -> list[str]:
 
 
 def _from_captions(args, cfg, cache_dir) -> dict:
-    from ..chc import build_hierarchy, load_image_features, read_captions
+    """The hierarchy of ``--captions`` (and ``--image-features``): the files are read before torch is imported."""
+    from ..chc import load_image_features, read_captions
 
     captions, ids = read_captions(args.captions)
     if args.limit is not None:
@@ -169,14 +170,19 @@ def _from_captions(args, cfg, cache_dir) -> dict:
     if args.image_features:
         order = list(dict.fromkeys(ids)) if ids is not None else None
         feats = load_image_features(args.image_features, order)
+    from ..chc import build_hierarchy
+
     return build_hierarchy(captions, ids, feats, cfg, cache_dir=cache_dir)
 
 
 def _from_corpus(args, cfg, cache_dir):
-    from ..backbones import build_backbone
-    from ..chc import corpus_chc, read_corpus, write_hierarchy
+    """The corpus read and checked (before torch is imported), its CHC, and the files written."""
+    from ..chc import read_corpus
 
     corpus = read_corpus(args.corpus, captions=args.captions, images=args.images, skip_missing=args.skip_missing)
+    from ..backbones import build_backbone
+    from ..chc import corpus_chc, write_hierarchy
+
     if args.skip_unreadable:
         corpus, bad = corpus.without_unreadable()
         if bad:

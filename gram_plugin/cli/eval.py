@@ -15,9 +15,9 @@ def add_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     """Accuracy of the prompt on base / new / all test images into metrics.json."""
-    from ..finetune import evaluate_base_new
-
     with command(args) as (p, backbone, data, run):
+        from ..finetune import evaluate_base_new  # torch: after the plan's checks
+
         model = build_model(p, backbone, args.seed)
         if p.init is not None:
             p.init.apply_to(model, backbone=backbone.name, strict=True)

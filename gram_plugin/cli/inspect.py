@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from ..paths import file_problem
+from .options import CLIError
+
 
 def add_parser(sub) -> None:
     """Add ``inspect`` to the sub-parsers ``sub``."""
@@ -15,6 +18,9 @@ def add_parser(sub) -> None:
 
 def cmd_inspect(args) -> int:
     """Print the file's description (method, shapes, metadata) as JSON."""
+    missing = file_problem(args.path, "init file")  # at once, not after importing torch
+    if missing:
+        raise CLIError(missing)
     from ..prompts import PromptInit
 
     init = PromptInit.load(args.path)

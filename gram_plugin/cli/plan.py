@@ -6,10 +6,13 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from ..config import ConfigError, MetaConfig, PromptConfig, TuneConfig, integer_at_least, seed_problems
+from ..config import (
+    ConfigError, MetaConfig, PromptConfig, TuneConfig, backbone_problems, integer_at_least, seed_problems,
+)
 from ..errors import GramPluginError
+from ..paths import data_spec_problem, file_problem
 from .options import (
-    _PROMPT_FIELDS, CHC_ONLY, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig,
+    _PROMPT_FIELDS, CHC_ONLY, CHC_PREFIX, DASSL_ONLY, DEFAULT_BACKBONE, STANDALONE_ONLY, CLIError, DasslConfig, DataConfig,
     TaskConfig, as_flags, default, flag,
 )
 from .run_folder import folder_problems
@@ -51,16 +54,6 @@ class Plan:
     corpus: object = None  # gram_plugin.chc.Corpus of --tasks chc:CORPUS, read and checked
 
 
-def backbone_problems(spec) -> list[str]:
-    """What is wrong with a ``--backbone`` spec that can be told without loading it."""
-    if not isinstance(spec, str) or not spec:
-        return [f"--backbone must be proxy[:DIR], tiny[:SEED] or MODEL:PRETRAINED, got {spec!r}"]
-    kind, _, rest = spec.partition(":")
-    if kind == "tiny" and rest and not rest.lstrip("-").isdigit():
-        return [f"--backbone tiny:SEED needs a whole-number seed, got {rest!r}"]
-    return []
-
-
 def _fields(cls, args, **renamed) -> dict:
     """The dataclass's fields that the command line sets (``renamed``: field -> option name)."""
     out = {}
@@ -97,6 +90,9 @@ def _init_problems(args) -> tuple[object, list[str]]:
     init_path = getattr(args, "init", None) or getattr(args, "prompt", None)
     if not init_path:
         return None, []
+    missing = file_problem(init_path, "init file")  # before torch: reading the file imports it
+    if missing:
+        return None, [missing]
     from ..prompts import PromptInit
 
     try:
@@ -142,6 +138,8 @@ def plan(args) -> Plan:
         problems.append("--out names a run folder now; the init is written to OUT/init.safetensors")
     init, init_problems = _init_problems(args)
     problems += init_problems
+    if getattr(args, "corpus_init", None):  # the demo's; read (torch) once the backbone it must fit is built
+        problems.append(file_problem(args.corpus_init, "--corpus-init file"))
     problems += as_flags(integer_at_least("threads", args.threads, 0) + seed_problems("seed", args.seed))
     if dassl:  # the trainer's config chooses the data; only --shots applies (DATASET.NUM_SHOTS)
         factories = {"data": lambda: DataConfig(shots=args.shots)}
@@ -149,6 +147,8 @@ def plan(args) -> Plan:
         factories = {"data": lambda: DataConfig(**_fields(DataConfig, args))}
     if not dassl:
         problems += backbone_problems(args.backbone)
+        if not str(getattr(args, "tasks", "")).startswith(CHC_PREFIX):  # a corpus brings its own images
+            problems.append(data_spec_problem(args.data))
         for key in _PROMPT_FIELDS:  # not given and not fixed by an init: the PromptConfig default
             if getattr(args, key, None) is None:
                 setattr(args, key, getattr(PromptConfig, key))
@@ -179,6 +179,7 @@ def plan(args) -> Plan:
     chc_problems, built["chc"], built["corpus"] = _corpus_tasks(args, built.get("tasks"), data_flags)
     problems += chc_problems
     problems += folder_problems(args)
+    problems = [p for p in problems if p]  # the path checks' None: nothing wrong
     if problems:
         problems = list(dict.fromkeys(problems))  # e.g. --seed, checked by the plan and by each config that has it
         raise CLIError("invalid input:\n  - " + "\n  - ".join(problems))
