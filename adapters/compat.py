@@ -36,6 +36,7 @@ Nothing is changed unless ``patch_dassl`` is called; calling it twice is harmles
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import http.client
@@ -140,6 +141,18 @@ _OFFLINE_HELP = (
 )
 # the cfg of the load_clip_to_cpu call in progress (its GRAM.CLIP_WEIGHTS decides what _download returns)
 _LOADING = contextvars.ContextVar("gram_plugin_clip_loading", default=None)
+_SAY_WEIGHTS = contextvars.ContextVar("gram_plugin_say_clip_weights", default=True)
+
+
+@contextlib.contextmanager
+def clip_weights_already_said():
+    """Within it, a CLIP load that ``GRAM.CLIP_WEIGHTS`` redirects prints no "CLIP weights: ..." line: for a caller
+    that loads the CLIP the trainer has just loaded (and named) once more, e.g. its prompt-free copy."""
+    token = _SAY_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _SAY_WEIGHTS.reset(token)
 
 
 class ClipWeightsError(GramPluginError, RuntimeError):
@@ -218,14 +231,16 @@ def _weights_for(cfg, download_module) -> str:
         model_module = sys.modules[download_module.build_model.__module__]
         text_width, vision_width = _random_widths(cfg)
         path = random_clip_file(model_module, int(cfg.INPUT.SIZE[0]), text_width, vision_width)
-        print(f"CLIP weights: a random CLIP (GRAM.CLIP_WEIGHTS random; {int(cfg.INPUT.SIZE[0])} px, widths "
-              f"{text_width}/{vision_width}, seed 0): a smoke run, its accuracies mean nothing ({path})")
+        if _SAY_WEIGHTS.get():
+            print(f"CLIP weights: a random CLIP (GRAM.CLIP_WEIGHTS random; {int(cfg.INPUT.SIZE[0])} px, widths "
+                  f"{text_width}/{vision_width}, seed 0): a smoke run, its accuracies mean nothing ({path})")
         return str(path)
     path = Path(option).expanduser()
     if not path.is_file():
         raise ClipWeightsError(f"GRAM.CLIP_WEIGHTS {option}: " + ("is a folder, not a file" if path.is_dir() else "no such file")
                                + " (a CLIP checkpoint: OpenAI's .pt as downloaded, or a CLIP state dict; or 'random')")
-    print(f"CLIP weights: {path.resolve()} (GRAM.CLIP_WEIGHTS)")
+    if _SAY_WEIGHTS.get():
+        print(f"CLIP weights: {path.resolve()} (GRAM.CLIP_WEIGHTS)")
     return str(path.resolve())
 
 

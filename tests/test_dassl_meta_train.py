@@ -96,7 +96,8 @@ def test_clip_weights_flag_loads_the_file_through_the_forks_loader(upstream_down
     argv = command(upstream_download.root, data, tmp_path / "run", "--clip-weights", str(weights),
                    opts=[*TINY_OPTS, "GRAM.CLIP_WEIGHTS", "/nowhere.pt"])
     assert main(argv) == 0, capsys.readouterr().err
-    assert f"CLIP weights: {weights.resolve()} (GRAM.CLIP_WEIGHTS)" in capsys.readouterr().out
+    # once, though the command loads the CLIP twice (the trainer's model, then its prompt-free copy)
+    assert capsys.readouterr().out.count(f"CLIP weights: {weights.resolve()} (GRAM.CLIP_WEIGHTS)") == 1
     init = PromptInit.load(tmp_path / "run" / "init.safetensors")
     assert init.metadata["clip_weights"] == str(weights)
 
@@ -118,3 +119,15 @@ def test_the_same_seed_gives_the_same_init_through_cocoop(coop, caltech_root, tm
     key = "prompt_learner.meta_net.linear1.weight"
     assert torch.equal(inits["a"][key], inits["b"][key])
     assert not torch.equal(inits["a"][key], inits["c"][key])
+
+
+@pytest.mark.integration
+def test_clip_weights_random_says_so_once(upstream_download, caltech_root, tmp_path, capsys):
+    """A smoke run on a random CLIP prints its notice once, however often the command builds the trainer's model."""
+    from gram_plugin import PromptInit
+
+    data = caltech_folder(caltech_root, tmp_path / "data", 8)
+    assert main(command(upstream_download.root, data, tmp_path / "run", "--clip-weights", "random")) == 0
+    out = capsys.readouterr().out
+    assert out.count("CLIP weights: a random CLIP (GRAM.CLIP_WEIGHTS random; 32 px") == 1, out
+    assert PromptInit.load(tmp_path / "run" / "init.safetensors").metadata["clip_weights"] == "random"

@@ -157,7 +157,7 @@ def meta_train_through_dassl(args) -> int:
         from dassl.engine import TRAINER_REGISTRY, build_trainer
 
         from ..adapters.base import adapter_class
-        from ..adapters.compat import patch_dassl
+        from ..adapters.compat import clip_weights_already_said, patch_dassl
         from ..adapters.meta import meta_train
         from ..data import Item
 
@@ -175,7 +175,8 @@ def meta_train_through_dassl(args) -> int:
         trainer = build_trainer(cfg)
         adapter = adapter_class(trainer_cls)(trainer)
         ds = trainer.dm.dataset
-        clip_model = adapter.frozen_clip()
+        with clip_weights_already_said():  # the CLIP build_trainer loaded (and named), once more, prompt-free
+            clip_model = adapter.frozen_clip()
         if p.tasks.corpus is not None:  # GRAM's tasks from an image-caption corpus, as the trainer's input
             tasks = corpus_task_source_for_trainer(p, run, cfg, clip_model, resume=args.resume, quiet=args.quiet)
         else:
