@@ -8,6 +8,7 @@ prompt ``"a photo of a {}."``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from .errors import GramPluginError
 from .config import TuneConfig  # defined torch-free (the CLI checks it before importing torch); exported here
 from .hooks import StepArguments, install_gradient_transform
+from .interrupts import stop_after_step
 from .prompts import PromptInit, prompt_parameters
 from .regulator import GradientRegulator
 from .stats import harmonic_mean  # noqa: F401  (part of this module's API since before stats.py)
@@ -26,6 +28,17 @@ ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 class TuningError(GramPluginError, RuntimeError):
     """Tuning or evaluation produced a non-finite loss, prompt or prediction (nothing is a result)."""
+
+
+class TuningInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`tune` after the step (or the evaluation) in progress: the model holds the prompt
+    learned until then, ``step`` steps into ``epoch`` (``step`` 0: after that epoch's evaluation), and
+    ``history`` the records of the epochs completed."""
+
+    def __init__(self, epoch: int, step: int, epochs: int, history: list[dict]):
+        self.epoch, self.step, self.epochs, self.history = epoch, step, epochs, history
+        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch}, step {step}"
+        super().__init__(f"tuning interrupted {where} of {epochs}")
 
 
 @torch.no_grad()
@@ -88,7 +101,8 @@ def tune(
     ``use_regulator``) transforms every step's gradient. ``prograd_lambda``: ProGrad projection
     strength against the zero-shot prompt (None = off). ``evaluate_fn()`` is called after every
     epoch and its numbers are added to the record. A non-finite loss or prompt stops tuning with a
-    :class:`TuningError` naming the epoch and step.
+    :class:`TuningError` naming the epoch and step. Ctrl-C stops it after the step (or the evaluation) in
+    progress with :class:`TuningInterrupted`, the model keeping the prompt learned so far; a second Ctrl-C at once.
     """
     if config is not None and options:
         raise TypeError("pass either config= or its fields as keywords, not both")
@@ -119,7 +133,10 @@ def tune(
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     model.set_classnames(train.classnames)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if hook is not None:
+            cleanup.callback(hook.remove)
+        interrupt = cleanup.enter_context(stop_after_step())
         for epoch in tqdm(range(1, cfg.epochs + 1), desc="tune", unit="epoch", disable=not progress):
             total, correct, loss_sum = 0, 0, 0.0
             for step, idx in enumerate(_batches(len(train), cfg.batch_size, gen), start=1):
@@ -142,6 +159,8 @@ def tune(
                 if bad:
                     raise TuningError(f"epoch {epoch}, step {step}: the update made {bad} non-finite; "
                                       "lower the learning rate")
+                if interrupt.requested:  # the prompt now is that of a whole step
+                    raise TuningInterrupted(epoch, step, cfg.epochs, history)
                 n = len(idx)
                 total += n
                 loss_sum += float(loss.detach()) * n
@@ -153,7 +172,6 @@ def tune(
             history.append(record)
             if log is not None:
                 log(record)
-    finally:
-        if hook is not None:
-            hook.remove()
+            if interrupt.requested:  # asked during the evaluation
+                raise TuningInterrupted(epoch, 0, cfg.epochs, history)
     return history

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import GramPluginError
+from .interrupts import StopRequest, stop_after_step
 from .config import MetaConfig  # defined torch-free (the CLI checks it before importing torch); exported here
 from .metabatch import BatchedMetaStep, supports_batching
 from .metastep import LossFn, MetaStep, StepStats, module_loss, nonfinite_names
@@ -146,7 +147,7 @@ class MetaPromptTrainer:
         self.skipped_steps: list[int] = []
         self.history: list[dict] = []
         self._last_tasks: list[Task] = []  # the last meta-batch: the final update is checked on it
-        self._stop_requested = False  # set by Ctrl-C during fit: stop after the step in progress
+        self._interrupt = StopRequest()  # Ctrl-C during fit: stop after the step in progress
 
     # -- the algorithm, through the meta-step --------------------------------------------------
     def adapt(self, params: Mapping[str, torch.Tensor], support: Any, steps: int | None = None,
@@ -308,7 +309,8 @@ class MetaPromptTrainer:
             if bad:
                 raise MetaTrainingError(f"the prompt init holds non-finite values (NaN or Inf) in {bad}: "
                                         "meta-training cannot start from it")
-            with self._stop_on_interrupt():
+            # a distributed run's ranks could stop at different steps: Ctrl-C stops them at once
+            with stop_after_step(enabled=_dist_info()[1] == 1) as self._interrupt:
                 self._loop(source, total, rank, callback)
             if self.skipped_steps and len(self.skipped_steps) >= self.step:
                 raise MetaTrainingError(
@@ -349,37 +351,13 @@ class MetaPromptTrainer:
                     bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
                 if self.run_dir is not None and rank == 0 and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop_requested:
+                if self._interrupt.requested:
                     self._stop(rank)
         finally:
             if bar is not None:
                 bar.close()
             if logger is not None:
                 logger.close()
-
-    @contextlib.contextmanager
-    def _stop_on_interrupt(self):
-        """While the loop runs, a first Ctrl-C asks it to stop after the step in progress (a checkpoint is
-        saved); a second one stops at once. Only in the main thread of a single process (signals go to the
-        main thread; ranks of a distributed run could stop at different steps)."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread() or _dist_info()[1] > 1:
-            yield
-            return
-        self._stop_requested = False
-
-        def request_stop(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt  # asked twice: do not wait for the step
-            self._stop_requested = True
-
-        previous = signal.signal(signal.SIGINT, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     def _stop(self, rank: int) -> None:
         where = "nothing was saved (no run_dir)"

@@ -20,7 +20,7 @@ ROOTS = {"gram_plugin": REPO / "gram_plugin", "gram_plugin.adapters": REPO / "ad
 # docs/ARCHITECTURE.md's layers, bottom first; a module may import its own layer and the ones below
 LAYERS = {
     "base": ["errors", "marking", "tasks", "transforms", "scale", "pixel_prompt", "extras", "paths", "config", "stats",
-             "safeio", "lazy"],
+             "safeio", "lazy", "interrupts"],
     "core": ["prompts", "regulator", "hooks", "metastep", "metabatch", "meta"],
     "applications": ["data", "cache", "models", "finetune", "backbones", "chc"],
     "ring": ["adapters", "cli"],

@@ -1204,20 +1204,88 @@ def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted
     assert torch.equal(a.tensors["ctx"], b.tensors["ctx"])
 
 
-def test_ctrl_c_in_tune_is_one_line_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):
+def _ctrl_c_in_evaluation(monkeypatch, at_call: int) -> None:
+    """Ctrl-C while tune evaluates its ``at_call``-th epoch (as a user pressing it then)."""
     import gram_plugin.finetune as finetune
 
-    real = finetune.evaluate_base_new
+    real, calls = finetune.evaluate_base_new, []
 
     def ctrl_c(*a, **k):
-        signal.raise_signal(signal.SIGINT)
+        calls.append(1)
+        if len(calls) == at_call:
+            signal.raise_signal(signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(finetune, "evaluate_base_new", ctrl_c)
-    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST)
-    assert rc == 130 and _one_line(err).startswith("gram-plugin: interrupted"), err
-    assert "interrupted" in (tmp_path / "t" / "log.txt").read_text()
+
+
+def test_ctrl_c_in_tune_keeps_the_prompt_so_far_as_a_partial_file_in_one_line(tmp_path, capsys, monkeypatch,
+                                                                              interactive_sigint):
+    """Ctrl-C during epoch 2 of 3: tuning stops after the evaluation in progress and the prompt of those 2 epochs is
+    saved as prompt.partial.safetensors (never prompt.safetensors), equal to a 2-epoch run's; exit 130, one line."""
+    argv = ["tune", *BASE, "--epochs", "3"]
+    assert main([*argv[:-1], "2", "--out", str(tmp_path / "two")]) == 0
+    _ctrl_c_in_evaluation(monkeypatch, at_call=2)
+    rc, err = cli(capsys, *argv, "--out", tmp_path / "t")
+    partial = tmp_path / "t" / "prompt.partial.safetensors"
+    assert rc == 130 and _one_line(err) == (f"gram-plugin: interrupted: tuning interrupted after epoch 2 of 3; the "
+                                            f"prompt learned so far is saved as {partial} (metrics.json marks the run "
+                                            "interrupted)"), err
     assert not (tmp_path / "t" / "prompt.safetensors").exists()
+    assert "interrupted" in (tmp_path / "t" / "log.txt").read_text()
+    got, want = PromptInit.load(partial), PromptInit.load(tmp_path / "two" / "prompt.safetensors")
+    assert torch.equal(got.tensors["ctx"], want.tensors["ctx"])
+    assert got.metadata["interrupted"] == {"epoch": 2, "step": 0, "of_epochs": 3}
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["interrupted"] == {"epoch": 2, "step": 0, "of_epochs": 3} and len(metrics["per_epoch"]) == 2
+    assert "final" not in metrics
+
+
+def test_ctrl_c_in_an_overwriting_tune_saves_nothing_and_keeps_the_previous_run(tmp_path, capsys, monkeypatch,
+                                                                               interactive_sigint):
+    assert main(["tune", "--out", str(tmp_path / "t"), *FAST]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()}
+    _ctrl_c_in_evaluation(monkeypatch, at_call=1)
+    rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--overwrite")
+    assert rc == 130 and _one_line(err).endswith(f"nothing saved (--overwrite keeps the previous run in "
+                                                 f"{tmp_path / 't'} as it was)"), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_ctrl_c_stops_tune_after_the_step_in_progress_and_a_second_at_once(tiny_clip, interactive_sigint):
+    """The library: the first Ctrl-C ends the step it came in (the model keeps that step's prompt), a second one
+    does not wait; the previous SIGINT handler is put back."""
+    from gram_plugin.backbones import OpenCLIPBackbone
+    from gram_plugin.data import default_dataset
+    from gram_plugin.finetune import TuningInterrupted, tune
+    from gram_plugin.models import PromptedCLIP
+
+    model = PromptedCLIP(OpenCLIPBackbone(tiny_clip, name="tiny"))
+    train = default_dataset(model.backbone.preprocess).subset(range(8))  # 4 steps of 2 images an epoch
+    real_logits, seen = model.logits, []
+
+    def ctrl_c_in_step_3(batch):
+        seen.append(1)
+        if len(seen) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_logits(batch)
+
+    model.logits = ctrl_c_in_step_3
+    with pytest.raises(TuningInterrupted, match="tuning interrupted at epoch 1, step 3 of 2") as stopped:
+        tune(model, train, epochs=2, batch_size=2, progress=False)
+    assert (stopped.value.epoch, stopped.value.step, stopped.value.history) == (1, 3, [])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def ctrl_c_twice(batch):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the second Ctrl-C should have stopped the step")
+
+    model.logits = ctrl_c_twice
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        tune(model, train, epochs=2, batch_size=2, progress=False)
+    assert type(stopped.value) is KeyboardInterrupt  # not TuningInterrupted: the second Ctrl-C did not wait
 
 
 @pytest.mark.parametrize("text, option", [("data: 5\n", "data"), ("init: 5\n", "init"), ("backbone: [1, 2]\n", "backbone"),

@@ -107,19 +107,41 @@ def meta_train(args, plan: Plan, backbone, data, run: Run, method: str = "gram",
     return init, hist
 
 
-def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: str = "coop"):
-    """Tune a fresh model on ``base_train`` (from ``init`` if given); returns (model, history, final, prompt)."""
-    from ..finetune import evaluate_base_new, tune
+def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: str = "coop", partial: str | None = None):
+    """Tune a fresh model on ``base_train`` (from ``init`` if given); returns (model, history, final, prompt).
+
+    ``partial``: where Ctrl-C stops the tuning, the prompt learned so far is saved as this file of the run
+    folder (:func:`keep_partial_prompt`) before the interruption goes on (``KeyboardInterrupt`` saying so)."""
+    from ..finetune import TuningInterrupted, evaluate_base_new, tune
     from ..prompts import PromptInit
 
     model = build_model(plan, backbone, args.seed)
     evaluate_fn = lambda: evaluate_base_new(model, data["base_test"], data["new_test"])  # noqa: E731
-    hist = tune(model, data["base_train"], plan.tune, init=init, evaluate_fn=evaluate_fn, progress=not args.quiet,
-                log=lambda r: run.log(f"{label} epoch {r['epoch']}: loss {r['train_loss']:.3f} base {r['base']:.3f} "
-                                      f"new {r['new']:.3f} H {r['H']:.3f}"))
+    try:
+        hist = tune(model, data["base_train"], plan.tune, init=init, evaluate_fn=evaluate_fn, progress=not args.quiet,
+                    log=lambda r: run.log(f"{label} epoch {r['epoch']}: loss {r['train_loss']:.3f} base {r['base']:.3f} "
+                                          f"new {r['new']:.3f} H {r['H']:.3f}"))
+    except TuningInterrupted as stop:
+        if partial is None:
+            raise
+        raise KeyboardInterrupt(keep_partial_prompt(run, model, stop, label, partial)) from None
     final = evaluate_base_new(model, data["base_test"], data["new_test"], data["all_test"])
     prompt = PromptInit.from_module(model, **model.config(), tuned_from=label)
     return model, hist, final, prompt
+
+
+def keep_partial_prompt(run: Run, model, stop, label: str, name: str) -> str:
+    """Save the prompt tuning had learned when Ctrl-C stopped it (``stop``: ``TuningInterrupted``) as ``name`` in
+    the run folder (never the finished prompt's name), its metadata and ``metrics.json`` marking it interrupted;
+    returns what to tell the user. An ``--overwrite`` run saves nothing: the run it would replace stays as it was."""
+    if run.replacing:
+        return f"{stop}; nothing saved (--overwrite keeps the previous run in {run.final} as it was)"
+    from ..prompts import PromptInit
+
+    where = {"epoch": stop.epoch, "step": stop.step, "of_epochs": stop.epochs}
+    path = PromptInit.from_module(model, **model.config(), tuned_from=label, interrupted=where).save(run.path(name))
+    run.write_metrics({"interrupted": where, "partial_prompt": name, "per_epoch": stop.history})
+    return f"{stop}; the prompt learned so far is saved as {path} (metrics.json marks the run interrupted)"
 
 
 def check_init_fits(plan: Plan, backbone, seed: int) -> None:

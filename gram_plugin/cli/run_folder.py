@@ -98,6 +98,11 @@ class Run:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging, self.dir = None, self.final
 
+    @property
+    def replacing(self) -> bool:
+        """Whether this run is built beside the one it replaces (``--overwrite``): kept only if it succeeds."""
+        return self._staging is not None
+
     def path(self, relative: str) -> Path:
         """A path inside the run folder (refused if ``relative`` would leave it)."""
         return inside_run_dir(self.dir, relative)
