@@ -1247,10 +1247,34 @@ def test_ctrl_c_in_an_overwriting_tune_saves_nothing_and_keeps_the_previous_run(
     before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()}
     _ctrl_c_in_evaluation(monkeypatch, at_call=1)
     rc, err = cli(capsys, "tune", "--out", tmp_path / "t", *FAST, "--overwrite")
-    assert rc == 130 and _one_line(err).endswith(f"nothing saved (--overwrite keeps the previous run in "
-                                                 f"{tmp_path / 't'} as it was)"), err
+    assert rc == 130 and _one_line(err) == (f"gram-plugin: interrupted: nothing of the unfinished run was kept "
+                                            f"(--overwrite keeps the previous run in {tmp_path / 't'} as it was)"), err
     assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_ctrl_c_in_an_overwriting_meta_train_offers_no_resume_of_a_checkpoint_it_discarded(tmp_path, capsys, monkeypatch,
+                                                                                          interactive_sigint):
+    """The new run's checkpoint goes with the unfinished run: the line says so instead of offering --resume
+    (which would continue the previous run)."""
+    from gram_plugin.meta import MetaPromptTrainer
+
+    argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0", "--out", tmp_path / "m"]
+    assert main([str(a) for a in argv]) == 0
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "m").rglob("*") if p.is_file()}
+    real_step = MetaPromptTrainer.outer_step
+
+    def ctrl_c_during_step_2(self, tasks, **progress):
+        if self.step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, tasks, **progress)
+
+    monkeypatch.setattr(MetaPromptTrainer, "outer_step", ctrl_c_during_step_2)
+    rc, err = cli(capsys, *argv, "--overwrite")
+    assert rc == 130 and _one_line(err) == (f"gram-plugin: interrupted: nothing of the unfinished run was kept "
+                                            f"(--overwrite keeps the previous run in {tmp_path / 'm'} as it was)"), err
+    assert {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "m").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_ctrl_c_stops_tune_after_the_step_in_progress_and_a_second_at_once(tiny_clip, interactive_sigint):

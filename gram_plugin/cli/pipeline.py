@@ -133,9 +133,7 @@ def tune_and_eval(args, plan: Plan, backbone, data, run: Run, init=None, label: 
 def keep_partial_prompt(run: Run, model, stop, label: str, name: str) -> str:
     """Save the prompt tuning had learned when Ctrl-C stopped it (``stop``: ``TuningInterrupted``) as ``name`` in
     the run folder (never the finished prompt's name), its metadata and ``metrics.json`` marking it interrupted;
-    returns what to tell the user. An ``--overwrite`` run saves nothing: the run it would replace stays as it was."""
-    if run.replacing:
-        return f"{stop}; nothing saved (--overwrite keeps the previous run in {run.final} as it was)"
+    returns what to tell the user (an ``--overwrite`` run discards it with the rest: :meth:`Run.__exit__`)."""
     from ..prompts import PromptInit
 
     where = {"epoch": stop.epoch, "step": stop.step, "of_epochs": stop.epochs}

@@ -98,11 +98,6 @@ class Run:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging, self.dir = None, self.final
 
-    @property
-    def replacing(self) -> bool:
-        """Whether this run is built beside the one it replaces (``--overwrite``): kept only if it succeeds."""
-        return self._staging is not None
-
     def path(self, relative: str) -> Path:
         """A path inside the run folder (refused if ``relative`` would leave it)."""
         return inside_run_dir(self.dir, relative)
@@ -167,9 +162,15 @@ class Run:
             self.log(f"interrupted (Ctrl-C){': ' + str(error) if str(error) else ''}")
         elif error is not None:
             self.log(f"FAILED: {error or type(error).__name__}")
-        if error is not None and self._staging is not None:
+        replacing = self._staging is not None
+        if error is not None and replacing:
             self.log(f"--overwrite: the previous run in {self.final} is kept as it was")
         self.close(succeeded=error is None)
+        if isinstance(error, KeyboardInterrupt) and replacing:
+            # what the interrupted command saved (a checkpoint, a partial prompt) went with its unfinished run:
+            # say so, instead of pointing at files that are gone or offering --resume of the previous run
+            raise KeyboardInterrupt(f"nothing of the unfinished run was kept (--overwrite keeps the previous run in "
+                                    f"{self.final} as it was)") from None
 
 
 def holds_run(folder: Path) -> bool:
