@@ -1178,11 +1178,10 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):
+def _ctrl_c_during_meta_step_2(monkeypatch):
+    """Ctrl-C while meta-training runs its outer step 2; returns the real ``outer_step`` (to put it back)."""
     from gram_plugin.meta import MetaPromptTrainer
 
-    argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0"]
-    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
     real_step = MetaPromptTrainer.outer_step
 
     def ctrl_c_during_step_2(self, tasks, **progress):
@@ -1191,6 +1190,15 @@ def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted
         return real_step(self, tasks, **progress)
 
     monkeypatch.setattr(MetaPromptTrainer, "outer_step", ctrl_c_during_step_2)
+    return real_step
+
+
+def test_ctrl_c_in_meta_train_is_one_line_a_resumable_checkpoint_and_interrupted_in_the_log(tmp_path, capsys, monkeypatch, interactive_sigint):
+    from gram_plugin.meta import MetaPromptTrainer
+
+    argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0"]
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+    real_step = _ctrl_c_during_meta_step_2(monkeypatch)
     rc, err = cli(capsys, *argv, "--out", tmp_path / "cut")
     line = _one_line(err)
     assert rc == 130 and line.startswith("gram-plugin: interrupted") and "after outer step 2" in line and "--resume" in line
@@ -1257,19 +1265,10 @@ def test_ctrl_c_in_an_overwriting_meta_train_offers_no_resume_of_a_checkpoint_it
                                                                                           interactive_sigint):
     """The new run's checkpoint goes with the unfinished run: the line says so instead of offering --resume
     (which would continue the previous run)."""
-    from gram_plugin.meta import MetaPromptTrainer
-
     argv = ["meta-train", *BASE, *META[2:], "--meta-steps", "4", "--checkpoint-every", "0", "--out", tmp_path / "m"]
     assert main([str(a) for a in argv]) == 0
     before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "m").rglob("*") if p.is_file()}
-    real_step = MetaPromptTrainer.outer_step
-
-    def ctrl_c_during_step_2(self, tasks, **progress):
-        if self.step == 1:
-            signal.raise_signal(signal.SIGINT)
-        return real_step(self, tasks, **progress)
-
-    monkeypatch.setattr(MetaPromptTrainer, "outer_step", ctrl_c_during_step_2)
+    _ctrl_c_during_meta_step_2(monkeypatch)
     rc, err = cli(capsys, *argv, "--overwrite")
     assert rc == 130 and _one_line(err) == (f"gram-plugin: interrupted: nothing of the unfinished run was kept "
                                             f"(--overwrite keeps the previous run in {tmp_path / 'm'} as it was)"), err
