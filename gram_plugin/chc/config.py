@@ -51,7 +51,9 @@ class CHCConfig:
     # Above fit_sample captions UMAP and HDBSCAN are fit on a seeded sample of that many and the rest is
     # assigned to its topics, assign_chunk at a time (gram_plugin.chc.sampling); 0 = always the exact path.
     fit_sample: int = 100_000
-    assign: str = "umap"  # "umap": UMAP transform + HDBSCAN approximate_predict; "knn": neighbours' vote
+    # "knn": the neighbours' membership-weighted vote of topics; "umap": UMAP transform + HDBSCAN approximate_predict
+    # (on the real 41k "knn" agreed better with the exact path and kept its noise share: benchmarks/README.md, issue 26)
+    assign: str = "knn"
     assign_knn: str = "auto"  # the rest's neighbours in the sample: "exact" (brute force), "nndescent", "auto" (exact on a GPU)
     assign_chunk: int = 65_536
     progress: bool = True

@@ -12,9 +12,10 @@ linearly and hold several copies of the data (benchmarks/CHC.md's projection to 
    nearest sampled captions by cosine (``assign_knn="auto"``: brute force on a GPU,
    :func:`nearest_in_sample`; on a CPU UMAP's own NN-descent index of the sample, :class:`SampleIndex`),
    UMAP's own transform initialisation (the neighbours' UMAP coordinates averaged with UMAP's fuzzy
-   membership weights, :func:`transform_coords`; no further layout epochs), then
-   ``hdbscan.approximate_predict`` on those coordinates (``assign="umap"``), or the membership-weighted
-   vote of the neighbours' topics (``assign="knn"``, which skips the UMAP coordinates' detour).
+   membership weights, :func:`transform_coords`; no further layout epochs: the coordinates
+   ``build_hierarchy`` returns), and its topic: the membership-weighted vote of the neighbours' topics
+   (``assign="knn"``, the default) or ``hdbscan.approximate_predict`` on those coordinates
+   (``assign="umap"``, which left twice the exact path's noise on the real captions).
 
 The sample's topics are the topics; the rest joins them (or noise). The agreement with the exact path
 (adjusted Rand index on the real Flickr8k captions) and the cost growth: benchmarks/README.md, "Issue 26".
