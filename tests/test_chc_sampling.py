@@ -126,3 +126,22 @@ def test_the_default_assignment_is_the_neighbours_vote():
     idx, dist = sampling.nearest_in_sample(x[rest], x[picked], cfg.umap_neighbors)
     expected = sampling.vote(idx, sampling.membership_weights(dist, cfg.umap_neighbors), labels[picked])
     np.testing.assert_array_equal(labels[rest], expected)
+
+
+def test_the_vote_needs_no_queries_x_topics_table():
+    # at 3.1M captions the sample has ~30,000 topics: a (chunk x topics) table is 15 GB per chunk
+    import tracemalloc
+
+    g = np.random.default_rng(0)
+    sample_labels = g.integers(-1, 50_000, size=2_000)
+    sample_labels[:3] = [7, 7, 3]
+    idx = np.concatenate([[[0, 1, 2]], g.integers(0, 2_000, size=(199, 3))])
+    weights = np.full((200, 3), 1 / 3, dtype=np.float32)
+    weights[0] = [0.2, 0.2, 0.6]  # label 7 (0.4) loses to label 3 (0.6)
+    tracemalloc.start()
+    labels = sampling.vote(idx, weights, sample_labels)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert labels[0] == 3
+    assert labels[1:].tolist() == sample_labels[idx[1:]].min(1).tolist()  # three labels, equal weights: the smallest
+    assert peak < 1_000_000  # (200 x 50,001) float64 would be 80 MB
