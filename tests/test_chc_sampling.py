@@ -145,3 +145,15 @@ def test_the_vote_needs_no_queries_x_topics_table():
     assert labels[0] == 3
     assert labels[1:].tolist() == sample_labels[idx[1:]].min(1).tolist()  # three labels, equal weights: the smallest
     assert peak < 1_000_000  # (200 x 50,001) float64 would be 80 MB
+
+
+def test_the_vote_gives_the_labels_of_a_table_of_summed_weights():
+    g = np.random.default_rng(0)
+    for trial in range(20):
+        sample_labels = g.integers(-1, int(g.integers(1, 40)), size=300)
+        idx = g.integers(0, 300, size=(500, 15))
+        dists = np.sort(g.random((500, 15)).astype(np.float32), 1)
+        weights = sampling.membership_weights(np.round(dists, 1) if trial % 2 else dists, 15)  # rounded: ties
+        table = np.zeros((500, sample_labels.max() + 2))  # labels -1 .. max
+        np.add.at(table, (np.arange(500)[:, None], sample_labels[idx] + 1), weights)
+        np.testing.assert_array_equal(sampling.vote(idx, weights, sample_labels), table.argmax(1) - 1)
