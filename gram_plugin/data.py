@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import GramPluginError
-from .paths import IMAGE_EXTS, data_spec_problem
+from .paths import IMAGE_EXTS, MISSING_DATA_ROOT, data_spec_problem
 from .tasks import Task
 
 CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # CoOp's Caltech101 drops these two folders
@@ -195,7 +195,7 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None, ign
     """``root/<class>/*.jpg`` -> dataset; classes sorted by folder name, label = sorted index."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(MISSING_DATA_ROOT["folder"].format(root=root))
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in ignored)
     if not folders:
         raise DataError(f"image folder {root} has no class sub-folders")
@@ -230,7 +230,7 @@ def caltech101(root: str | os.PathLike, transform: Callable | None = None) -> Im
     for cand in (root, root / "caltech-101", root / "101_ObjectCategories", root / "caltech-101" / "101_ObjectCategories"):
         if cand.name == "101_ObjectCategories" and cand.is_dir():
             return image_folder(cand, transform, ignored=CALTECH_IGNORED, rename=CALTECH_RENAME, name="caltech101")
-    raise DataError(f"no 101_ObjectCategories folder under {root}")
+    raise DataError(MISSING_DATA_ROOT["caltech101"].format(root=root))
 
 
 def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable | None = None) -> ImageDataset:
@@ -240,7 +240,7 @@ def imagenet(root: str | os.PathLike, split: str = "train", transform: Callable 
         root = root / "imagenet"
     names_file = root / "classnames.txt"
     if not names_file.exists():
-        raise DataError(f"no classnames.txt under {root}")
+        raise DataError(MISSING_DATA_ROOT["imagenet"].format(root=root))
     wnid_to_name = {}
     for n, raw in enumerate(names_file.read_bytes().splitlines(), 1):
         try:

@@ -14,6 +14,10 @@ from .errors import GramPluginError
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # --data kinds whose spec is KIND:ROOT (anything else names an image folder)
 DATA_KINDS = ("caltech101", "imagenet", "folder")
+# what each kind's loader (gram_plugin.data) says when its folder is not there; the CLI says it before torch
+MISSING_DATA_ROOT = {"caltech101": "no 101_ObjectCategories folder under {root}",
+                     "imagenet": "no classnames.txt under {root}",
+                     "folder": "image folder {root} does not exist"}
 
 
 def file_problem(path: str | os.PathLike, what: str) -> str | None:
@@ -40,8 +44,7 @@ def data_spec_problem(spec: str) -> str | None:
         kind, root = "folder", spec
     if Path(root).is_dir():
         return None
-    return {"caltech101": f"no 101_ObjectCategories folder under {Path(root)}",
-            "imagenet": f"no classnames.txt under {Path(root)}"}.get(kind, f"image folder {Path(root)} does not exist")
+    return MISSING_DATA_ROOT[kind].format(root=Path(root))
 
 
 class UnsafePathError(GramPluginError, ValueError):
